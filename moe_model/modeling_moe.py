@@ -1,0 +1,445 @@
+"""A Hugging Face-style MoE causal LM whose sparse blocks are DeepSpeed MoE layers.
+
+Shape legend used in tensor names:
+    B batch, S query length, P cached (past) length, T tokens (B * S), D hidden size, V vocab,
+    H attention heads, Hkv key/value heads, Dh head dim,
+    E experts, El local experts (E / ep_size), G ep_size, C capacity per expert, F expert intermediate size,
+    k experts per token, L MoE layers.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.moe.layer import MoE
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_moe import MoeConfig
+
+
+class MoeRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_fp32 = x.float()
+        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_fp32.to(x.dtype)
+
+
+class MoeRotaryEmbedding(nn.Module):
+    def __init__(self, config: MoeConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.rope_theta = config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        dim = self.head_dim
+        return 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_BSh = position_ids_BS[..., None].float() * self.inv_freq.to(x.device)
+        emb_BSDh = torch.cat((freqs_BSh, freqs_BSh), dim=-1)
+        return emb_BSDh.cos().to(x.dtype), emb_BSDh.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos_BSDh, sin_BSDh):
+    cos, sin = cos_BSDh.unsqueeze(1), sin_BSDh.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class MoeAttention(nn.Module):
+    """Grouped-query attention through `F.scaled_dot_product_attention` (fused kernels where the device has them)."""
+
+    def __init__(self, config: MoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x_BSD, position_embeddings, attn_mask, past_key_values: Cache | None) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BHSDh = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BHkvSDh = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BHkvSDh = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHSDh, k_BHkvSDh = apply_rotary_pos_emb(q_BHSDh, k_BHkvSDh, *position_embeddings)
+        if past_key_values is not None:
+            k_BHkvSDh, v_BHkvSDh = past_key_values.update(k_BHkvSDh, v_BHkvSDh, self.layer_idx)
+        out_BHSDh = F.scaled_dot_product_attention(
+            q_BHSDh,
+            k_BHkvSDh,
+            v_BHkvSDh,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None and S > 1,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.o_proj(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
+
+
+class MoeMLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers, each expert and the shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoeBatchedExperts(nn.Module):
+    """A rank's local experts run as batched GEMMs instead of DeepSpeed's Python loop over experts.
+
+    It keeps DeepSpeed's `deepspeed_experts` ModuleList (same parameters, same `allreduce=False` / `group_name`
+    marks, same state-dict names), so the engine's expert-parallel gradient sync and its per-expert checkpoint
+    files work unchanged. Every expert's buffer holds the same capacity C, so one `bmm` per projection covers all.
+    """
+
+    def __init__(self, deepspeed_experts: nn.ModuleList) -> None:
+        super().__init__()
+        self.deepspeed_experts = deepspeed_experts
+        self.num_local_experts = len(deepspeed_experts)
+
+    def _stacked(self, name: str) -> torch.Tensor:
+        return torch.stack([getattr(expert, name).weight for expert in self.deepspeed_experts])
+
+    def forward(self, inputs_GElCD: torch.Tensor) -> torch.Tensor:
+        G, El, C, D = inputs_GElCD.shape
+        x_ElND = inputs_GElCD.transpose(0, 1).reshape(El, G * C, D)
+        gate_ElNF = torch.bmm(x_ElND, self._stacked("gate_proj").transpose(1, 2))
+        up_ElNF = torch.bmm(x_ElND, self._stacked("up_proj").transpose(1, 2))
+        out_ElND = torch.bmm(F.silu(gate_ElNF) * up_ElNF, self._stacked("down_proj").transpose(1, 2))
+        return out_ElND.view(El, G, C, D).transpose(0, 1)
+
+
+def expert_parallel_rank(ep_size: int) -> int:
+    """This rank's index in its expert-parallel group, under DeepSpeed's default layout (consecutive ranks)."""
+    if ep_size == 1:
+        return 0
+    if not dist.is_initialized():
+        raise ValueError(f"ep_size={ep_size} needs torch.distributed initialized (e.g. deepspeed.init_distributed()) "
+                         "before the model is built; build with ep_size=1 for a single process.")
+    world_size = dist.get_world_size()
+    if world_size % ep_size:
+        raise ValueError(f"ep_size={ep_size} does not divide the world size {world_size}.")
+    return dist.get_rank() % ep_size
+
+
+def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(router_logits_TE.float(), dim=-1).square().mean()
+
+
+@dataclass
+class MoeRouting:
+    """What one MoE layer did with its tokens in a forward pass (this rank's tokens)."""
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    router_logits_TE: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    dropped_fraction: torch.Tensor
+
+
+class MoeSparseBlock(nn.Module):
+    """DeepSpeed's MoE layer (router, capacity, all-to-all dispatch/combine, experts) plus shared experts."""
+
+    def __init__(self, config: MoeConfig) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.use_rts = config.use_rts
+        self.top2_2nd_expert_sampling = config.top2_2nd_expert_sampling
+        self.moe = MoE(
+            hidden_size=config.hidden_size,
+            expert=MoeMLP(config.hidden_size, config.moe_intermediate_size),
+            num_experts=config.num_experts,
+            ep_size=config.ep_size,
+            k=config.num_experts_per_tok,
+            capacity_factor=config.capacity_factor,
+            eval_capacity_factor=config.eval_capacity_factor,
+            min_capacity=config.min_capacity,
+            use_residual=config.use_residual,
+            noisy_gate_policy=config.noisy_gate_policy,
+            drop_tokens=config.drop_tokens,
+            use_rts=config.use_rts,
+            top2_2nd_expert_sampling=config.top2_2nd_expert_sampling,
+        )
+        self.moe.deepspeed_moe.experts = MoeBatchedExperts(self.moe.deepspeed_moe.experts.deepspeed_experts)
+        self._seed_experts(expert_parallel_rank(config.ep_size) * self.moe.num_local_experts)
+        self.shared_experts = (
+            MoeMLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
+            if config.num_shared_experts
+            else None
+        )
+        # DeepSpeed's exp_counts are counted before the capacity limit; its gate's sparse routes mark each
+        # dropped (token, slot) with expert -1, so keep them to count what the experts really received.
+        self._routes_kT: torch.Tensor | None = None
+        self.moe.deepspeed_moe.gate.register_forward_hook(self._keep_routes)
+
+    def _seed_experts(self, first_global_expert: int) -> None:
+        """Give every expert projection a seed from (layer draw, global expert id, projection).
+
+        DeepSpeed deep-copies one expert, so without this all experts would start identical; with it, global
+        expert i starts from the same tensor whatever ep_size is (see `MoePreTrainedModel._init_weights`).
+        One draw per MoE layer from the global RNG keeps the other modules' draws independent of ep_size.
+        """
+        layer_seed = int(torch.randint(0, 2**40, (), device="cpu"))
+        for local_id, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+            for proj_id, proj in enumerate((expert.gate_proj, expert.up_proj, expert.down_proj)):
+                proj.expert_init_seed = layer_seed + 3 * (first_global_expert + local_id) + proj_id
+
+    def _keep_routes(self, gate, args, output) -> None:
+        self._routes_kT = output[3]
+
+    @property
+    def router_weight(self) -> torch.Tensor:
+        return self.moe.deepspeed_moe.gate.wg.weight
+
+    def forward(self, hidden_BSD: torch.Tensor) -> tuple[torch.Tensor, MoeRouting]:
+        # DeepSpeed's gate samples the second expert and the kept tokens (RTS) in eval mode too; both are training
+        # regularizers, and inference must be deterministic (generate with and without cache must agree).
+        gate = self.moe.deepspeed_moe.gate
+        gate.top2_2nd_expert_sampling = self.training and self.top2_2nd_expert_sampling
+        gate.use_rts = self.training and self.use_rts
+        x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
+        # The same fp32 logits DeepSpeed's gate computes (before any jitter); recomputed here for the z-loss
+        # because the gate does not return them. T x D x E flops: negligible next to the experts.
+        router_logits_TE = F.linear(x_TD.float(), self.router_weight.float())
+        out_BSD, aux_loss, _ = self.moe(hidden_BSD)
+        routes_kT, self._routes_kT = self._routes_kT.long(), None
+        dropped = routes_kT < 0
+        # Count with a scatter (no boolean indexing, so no host sync): dropped routes land in bucket E.
+        buckets = torch.where(dropped, self.num_experts, routes_kT).flatten()
+        counts = torch.zeros(self.num_experts + 1, device=buckets.device, dtype=torch.float32)
+        counts.scatter_add_(0, buckets, torch.ones_like(buckets, dtype=torch.float32))
+        if self.shared_experts is not None:
+            out_BSD = out_BSD + self.shared_experts(hidden_BSD)
+        routing = MoeRouting(
+            aux_loss=aux_loss,
+            z_loss=router_z_loss(router_logits_TE),
+            router_logits_TE=router_logits_TE,
+            tokens_per_expert_E=counts[: self.num_experts],
+            dropped_fraction=counts[self.num_experts] / routes_kT.numel(),
+        )
+        return out_BSD, routing
+
+
+class MoeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MoeAttention(config, layer_idx)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoeSparseBlock(config) if self.is_moe else MoeMLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_BSD, position_embeddings, attn_mask=None, past_key_values=None):
+        hidden_BSD = hidden_BSD + self.self_attn(
+            self.input_layernorm(hidden_BSD), position_embeddings, attn_mask, past_key_values
+        )
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_BSD))
+        if self.is_moe:
+            mlp_out, routing = mlp_out
+            return hidden_BSD + mlp_out, routing
+        return hidden_BSD + mlp_out, None
+
+
+@dataclass
+class MoeModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    routing: tuple[MoeRouting, ...] | None = None
+
+
+@dataclass
+class MoeCausalLMOutputWithPast(ModelOutput):
+    """`loss` = `lm_loss` + router_aux_loss_coef * `aux_loss` + router_z_loss_coef * `z_loss`.
+
+    `aux_loss` and `z_loss` are summed over the MoE layers. `aux_loss` is DeepSpeed's load-balancing loss, computed
+    per rank on its local tokens. `tokens_per_expert` ([L, E]) counts the (token, slot) routes each expert
+    received after the capacity limit on this rank; `dropped_fraction` ([L]) is the share of routes dropped.
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    tokens_per_expert: torch.FloatTensor | None = None
+    dropped_fraction: torch.FloatTensor | None = None
+
+
+class MoePreTrainedModel(PreTrainedModel):
+    config: MoeConfig
+    config_class = MoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if hasattr(module, "expert_init_seed"):
+                generator = torch.Generator().manual_seed(module.expert_init_seed)
+                init.copy_(module.weight, torch.randn(module.weight.shape, generator=generator) * std)
+                return
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MoeRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MoeRotaryEmbedding):
+            # A non-persistent buffer: from_pretrained builds the model on the meta device and must recompute it.
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+
+
+def build_attention_mask(attention_mask_BP, batch: int, query_len: int, past_len: int, device) -> torch.Tensor | None:
+    """A boolean [B, 1, S, P+S] mask (True = attend), or None when SDPA's own causal mask suffices."""
+    if attention_mask_BP is None and past_len == 0:
+        return None
+    q_pos_S1 = torch.arange(past_len, past_len + query_len, device=device)[:, None]
+    k_pos_1P = torch.arange(past_len + query_len, device=device)[None, :]
+    mask_BSP = (k_pos_1P <= q_pos_S1).expand(batch, -1, -1)
+    if attention_mask_BP is not None:
+        # Each query always sees itself, so rows of left padding never become all -inf (NaN in SDPA).
+        mask_BSP = (mask_BSP & attention_mask_BP[:, None, :].bool()) | (k_pos_1P == q_pos_S1)
+    return mask_BSP[:, None]
+
+
+class MoeModel(MoePreTrainedModel):
+    def __init__(self, config: MoeConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MoeRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None and not self.training:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        hidden_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S, _ = hidden_BSD.shape
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + S, device=hidden_BSD.device)[None].expand(B, -1)
+        attn_mask = build_attention_mask(attention_mask, B, S, past_len, hidden_BSD.device)
+        position_embeddings = self.rotary_emb(hidden_BSD, position_ids)
+        routing = []
+        for layer in self.layers:
+            hidden_BSD, layer_routing = layer(hidden_BSD, position_embeddings, attn_mask, past_key_values)
+            if layer_routing is not None:
+                routing.append(layer_routing)
+        return MoeModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_BSD), past_key_values=past_key_values, routing=tuple(routing)
+        )
+
+
+class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoeConfig) -> None:
+        super().__init__(config)
+        self.model = MoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        """`labels` are the input ids (the shift happens here); -100 marks positions without a target."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_BSD = outputs.last_hidden_state
+        logits_BSV = self.lm_head(hidden_BSD[:, -logits_to_keep:] if logits_to_keep else hidden_BSD)
+        routing = outputs.routing
+        aux_loss = torch.stack([r.aux_loss for r in routing]).sum()
+        z_loss = torch.stack([r.z_loss for r in routing]).sum()
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = F.cross_entropy(
+                logits_BSV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+            loss = lm_loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits_BSV,
+            past_key_values=outputs.past_key_values,
+            router_logits=tuple(r.router_logits_TE for r in routing),
+            tokens_per_expert=torch.stack([r.tokens_per_expert_E for r in routing]),
+            dropped_fraction=torch.stack([r.dropped_fraction for r in routing]),
+        )
+
+
+__all__ = [
+    "MoeBatchedExperts",
+    "MoeCausalLMOutputWithPast",
+    "MoeForCausalLM",
+    "MoeModel",
+    "MoePreTrainedModel",
+    "MoeSparseBlock",
+    "router_z_loss",
+]
