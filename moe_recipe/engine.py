@@ -1,0 +1,117 @@
+"""DeepSpeed wiring in one place: the DeepSpeed config, MoE optimizer groups, the engine."""
+
+import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from torch import nn
+
+from moe_model import MoeConfig
+
+from .config import RecipeConfig, global_batch_size, max_steps
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def build_deepspeed_config(cfg: RecipeConfig, world_size: int) -> dict:
+    """The DeepSpeed config, derived from the recipe config (never written by hand)."""
+    t, z, o = cfg.trainer, cfg.zero, cfg.optim
+    precision = resolve_precision(t.precision)
+    total_steps = max_steps(cfg, world_size)
+    zero = {"stage": z.stage}
+    if z.stage > 0:
+        zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=True, reduce_bucket_size=z.reduce_bucket_size,
+                    allgather_bucket_size=z.reduce_bucket_size)
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": global_batch_size(t, world_size),
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        # The recipe hands DeepSpeed a torch AdamW (fused on GPU); ZeRO accepts it, offload runs its step on CPU.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total_steps,
+                "warmup_num_steps": o.warmup_steps,
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": o.min_lr_ratio,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups without weight decay on norms and biases, split again into DeepSpeed's expert groups.
+
+    Expert parameters must sit in their own `moe` groups so DeepSpeed reduces their gradients over the
+    expert-data-parallel group only (and ZeRO partitions them there).
+    """
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def build_optimizer(model: nn.Module, cfg: RecipeConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = build_param_groups(model, o.weight_decay)
+    fused = get_accelerator().device_name() == "cuda" and not cfg.zero.offload_optimizer
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
+
+
+def initialize_engine(model: nn.Module, cfg: RecipeConfig, world_size: int):
+    """Wrap the model in a DeepSpeed engine (EP and expert-DP groups are created here, from the MoE layers)."""
+    import deepspeed
+
+    ds_config = build_deepspeed_config(cfg, world_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
+    return engine
+
+
+def active_params_per_token(config: MoeConfig) -> int:
+    """Parameters a token passes through (embeddings excluded, lm_head included): k of E experts, shared ones."""
+    d, hd = config.hidden_size, config.head_dim
+    attn = d * hd * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
+    dense_ffn = 3 * d * config.intermediate_size
+    moe_ffn = 3 * d * config.moe_intermediate_size * (config.num_experts_per_tok + config.num_shared_experts)
+    moe_ffn += d * config.num_experts  # router
+    if config.use_residual:
+        moe_ffn += 3 * d * config.moe_intermediate_size + 2 * d
+    num_moe = len(config.moe_layer_indices)
+    num_dense = config.num_hidden_layers - num_moe
+    return config.num_hidden_layers * attn + num_dense * dense_ffn + num_moe * moe_ffn + d * config.vocab_size
+
+
+def flops_per_token(config: MoeConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active params plus attention scores (PaLM's appendix B)."""
+    attn_scores = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * active_params_per_token(config) + attn_scores
+
+
+# Dense bf16 peak (no sparsity) per device, for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def guess_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
