@@ -1,0 +1,270 @@
+"""MoeConfig validation, layer interleaving, expert init, save/load, generation, gradient checkpointing and the
+noisy-gating options of the MoE causal LM, on tiny configs in one CPU process."""
+
+import pytest
+import torch
+
+import moe_model  # noqa: F401  (registers the Auto classes)
+import moe_model.modeling_moe as modeling_moe
+from moe_model import MoeConfig, MoeForCausalLM
+from moe_model.modeling_moe import MoeMLP, MoeSparseBlock
+from transformers import AutoModelForCausalLM
+
+EXPERTS_KEY = ".deepspeed_experts."
+
+
+def expert_weights(model: MoeForCausalLM) -> dict[tuple[int, int, str], torch.Tensor]:
+    """{(layer, local expert, projection): weight} over all MoE layers."""
+    weights = {}
+    for layer_idx, layer in enumerate(model.model.layers):
+        if layer.is_moe:
+            for e, expert in enumerate(layer.mlp.moe.deepspeed_moe.experts.deepspeed_experts):
+                for proj in ("gate_proj", "up_proj", "down_proj"):
+                    weights[layer_idx, e, proj] = getattr(expert, proj).weight
+    return weights
+
+
+# --- config validation ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(num_experts=8, ep_size=3), "num_experts=8 is not divisible by ep_size=3"),
+        (dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok=5"),
+        (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads=3"),
+        (dict(head_dim=7), "head_dim=7 must be even"),
+        (dict(num_hidden_layers=2, first_k_dense_replace=2), "first_k_dense_replace / moe_layer_freq"),
+        (dict(num_hidden_layers=2, first_k_dense_replace=1, moe_layer_freq=2), "no layer is an MoE layer"),
+        (dict(noisy_gate_policy="Gumbel"), "noisy_gate_policy='Gumbel'"),
+        (dict(noisy_gate_policy="RSample", num_experts_per_tok=2), "noisy_gate_policy='RSample'"),
+        (dict(first_k_dense_replace=3), "first_k_dense_replace=3"),
+        (dict(num_experts=0), "num_experts=0 must be >= 1"),
+    ],
+)
+def test_config_rejects_bad_settings_naming_the_field(tiny_config, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(noisy_gate_policy="RSample", num_experts_per_tok=1), dict(noisy_gate_policy="Jitter"),
+     dict(noisy_gate_policy="None"), dict(num_experts_per_tok=4), dict(ep_size=4)],
+)
+def test_config_accepts_valid_settings(tiny_config, overrides):
+    tiny_config(**overrides)
+
+
+def test_ep_size_above_one_needs_torch_distributed(tiny_config):
+    with pytest.raises(ValueError, match="ep_size=2 needs torch.distributed initialized"):
+        MoeForCausalLM(tiny_config(ep_size=2))
+
+
+# --- interleaving -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "num_layers, moe_layer_freq, first_k_dense_replace, moe_layers",
+    [(4, 1, 0, [0, 1, 2, 3]), (4, 2, 0, [0, 2]), (4, 1, 1, [1, 2, 3]), (4, 2, 1, [2]), (3, 1, 2, [2])],
+)
+def test_dense_and_moe_layers_interleave(tiny_model, num_layers, moe_layer_freq, first_k_dense_replace, moe_layers):
+    model = tiny_model(
+        num_hidden_layers=num_layers, moe_layer_freq=moe_layer_freq, first_k_dense_replace=first_k_dense_replace
+    )
+    assert model.config.moe_layer_indices == moe_layers
+    for i, layer in enumerate(model.model.layers):
+        assert layer.is_moe == (i in moe_layers)
+        assert isinstance(layer.mlp, MoeSparseBlock if i in moe_layers else MoeMLP)
+
+    out = model(torch.randint(0, model.config.vocab_size, (2, 8)))
+    L, E = len(moe_layers), model.config.num_experts
+    assert out.tokens_per_expert.shape == (L, E)
+    assert out.dropped_fraction.shape == (L,)
+    assert len(out.router_logits) == L
+
+
+# --- expert init ------------------------------------------------------------------------------------------------
+
+
+def test_same_seed_gives_same_weights_and_other_seed_differs(tiny_model):
+    a, b, c = tiny_model(seed=0), tiny_model(seed=0), tiny_model(seed=1)
+    sd_a, sd_b, sd_c = a.state_dict(), b.state_dict(), c.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for name in sd_a:
+        assert torch.equal(sd_a[name], sd_b[name]), name
+    assert not torch.equal(sd_a["model.embed_tokens.weight"], sd_c["model.embed_tokens.weight"])
+    assert not any(torch.equal(w, expert_weights(c)[key]) for key, w in expert_weights(a).items())
+
+
+def test_experts_start_distinct(tiny_model):
+    model = tiny_model(num_experts=8)
+    weights = expert_weights(model)
+    values = list(weights.values())
+    # Every projection of every expert in every layer is its own draw (DeepSpeed deep-copies one expert).
+    for i in range(len(values)):
+        for j in range(i + 1, len(values)):
+            assert values[i].shape != values[j].shape or not torch.equal(values[i], values[j])
+    std = model.config.initializer_range
+    for w in values:
+        assert abs(w.std().item() - std) < 0.2 * std
+
+
+@pytest.mark.parametrize("ep_size", [2, 4])
+def test_expert_init_independent_of_ep_size(tiny_model, monkeypatch, ep_size):
+    """Global expert i starts from the same tensor whatever ep_size is, and other weights do not change.
+
+    One process cannot host an ep_size > 1 model, so this fakes each rank's place in its expert-parallel group
+    (the only thing the model asks torch.distributed at build time) and builds every rank's shard. The real
+    multi-process equivalence lives in tests/distributed.
+    """
+    E = 8
+    reference = tiny_model(num_experts=E).state_dict()
+    local = E // ep_size
+    seen_experts = set()
+    for rank in range(ep_size):
+        monkeypatch.setattr(modeling_moe, "expert_parallel_rank", lambda size, rank=rank: rank)
+        shard = tiny_model(num_experts=E, ep_size=ep_size).state_dict()
+        for name, tensor in shard.items():
+            if EXPERTS_KEY in name:
+                prefix, rest = name.split(EXPERTS_KEY)
+                local_id, proj = rest.split(".", 1)
+                global_id = rank * local + int(local_id)
+                seen_experts.add((prefix, global_id, proj))
+                name = f"{prefix}{EXPERTS_KEY}{global_id}.{proj}"
+            assert torch.equal(tensor, reference[name]), name
+    assert len(seen_experts) == sum(EXPERTS_KEY in name for name in reference)
+
+
+# --- save / load ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_save_pretrained_round_trip(tiny_model, tmp_path, tie):
+    model = tiny_model(tie_word_embeddings=tie, drop_tokens=False)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.bin"))
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    loaded.eval()
+
+    assert isinstance(loaded, MoeForCausalLM)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
+    sd, loaded_sd = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == loaded_sd.keys()
+    for name in sd:
+        assert torch.equal(sd[name], loaded_sd[name]), name
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, loaded(input_ids).logits)
+
+
+# --- generation -------------------------------------------------------------------------------------------------
+
+
+def greedy(model, input_ids, use_cache, attention_mask=None):
+    return model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, use_cache=use_cache,
+        pad_token_id=0,
+    )
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_generate_with_and_without_cache_agree(tiny_model, k):
+    # drop_tokens=False: with a capacity, routing would depend on how many tokens one forward sees.
+    model = tiny_model(num_experts_per_tok=k, drop_tokens=False)
+    torch.manual_seed(1)
+    input_ids = torch.randint(1, model.config.vocab_size, (2, 8))
+    assert torch.equal(greedy(model, input_ids, True), greedy(model, input_ids, False))
+
+    # Left padding: row 0 holds 3 pads then the 5 tokens of `short`.
+    short = input_ids[:1, 3:]
+    padded = input_ids.clone()
+    padded[0, :3] = 0
+    attention_mask = torch.ones_like(padded)
+    attention_mask[0, :3] = 0
+    with_cache = greedy(model, padded, True, attention_mask)
+    assert torch.equal(with_cache, greedy(model, padded, False, attention_mask))
+    assert torch.equal(with_cache[0, 3:], greedy(model, short, True)[0])  # the pads change nothing
+    assert torch.equal(with_cache[1], greedy(model, input_ids[1:], True)[0])
+
+
+def test_generate_top1_single_sequence_with_cache(tiny_model):
+    model = tiny_model(num_experts_per_tok=1, drop_tokens=False)  # min_capacity=4, the config default
+    input_ids = torch.randint(1, model.config.vocab_size, (1, 8))
+    assert torch.equal(greedy(model, input_ids, True), greedy(model, input_ids, False))
+
+
+# --- gradient checkpointing -------------------------------------------------------------------------------------
+
+
+def loss_and_grads(model, input_ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gradient_checkpointing_gives_same_loss_and_grads(tiny_model, k):
+    model = tiny_model(num_experts_per_tok=k, router_aux_loss_coef=0.1, router_z_loss_coef=0.01).train()
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 8))
+
+    loss, grads = loss_and_grads(model, input_ids)
+    model.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    loss_ckpt, grads_ckpt = loss_and_grads(model, input_ids)
+
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    assert grads.keys() == grads_ckpt.keys()
+    assert any(name.endswith("gate.wg.weight") for name in grads)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# --- noisy gating -----------------------------------------------------------------------------------------------
+
+NOISY = {
+    "top1-jitter": dict(num_experts_per_tok=1, noisy_gate_policy="Jitter"),
+    "top1-rsample": dict(num_experts_per_tok=1, noisy_gate_policy="RSample"),
+    "top1-rts": dict(num_experts_per_tok=1, use_rts=True),
+    "top2-jitter": dict(num_experts_per_tok=2, noisy_gate_policy="Jitter"),
+    "top2-sampled-2nd": dict(num_experts_per_tok=2, top2_2nd_expert_sampling=True),
+    "top3-jitter": dict(num_experts_per_tok=3, noisy_gate_policy="Jitter"),
+}
+
+
+@pytest.mark.parametrize("overrides", NOISY.values(), ids=NOISY.keys())
+def test_noisy_gating_trains_and_is_deterministic_in_eval(tiny_model, overrides):
+    # initializer_range 0.2: peaked routing and visible expert outputs, so noise shows in the logits.
+    model = tiny_model(initializer_range=0.2, capacity_factor=1.0, **overrides)
+    torch.manual_seed(1)
+    input_ids = torch.randint(0, model.config.vocab_size, (4, 8))
+
+    model.train()
+    train_logits = []
+    for seed in (10, 11):
+        torch.manual_seed(seed)
+        out = model(input_ids, labels=input_ids)
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        train_logits.append(out.logits.detach())
+    assert not torch.equal(*train_logits), "the noise option had no effect in training"
+
+    model.eval()
+    with torch.no_grad():
+        torch.manual_seed(10)
+        first = model(input_ids).logits
+        torch.manual_seed(11)
+        second = model(input_ids).logits
+        # In eval the same weights without any noise option give the same logits.
+        clean = tiny_model(initializer_range=0.2, capacity_factor=1.0, num_experts_per_tok=overrides["num_experts_per_tok"])
+        clean.load_state_dict(model.state_dict())
+        reference = clean(input_ids).logits
+    assert torch.equal(first, second)
+    assert torch.equal(first, reference)
