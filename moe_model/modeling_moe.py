@@ -171,6 +171,7 @@ class MoeSparseBlock(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.use_rts = config.use_rts
+        self.min_capacity = config.min_capacity
         self.top2_2nd_expert_sampling = config.top2_2nd_expert_sampling
         self.moe = MoE(
             hidden_size=config.hidden_size,
@@ -225,6 +226,9 @@ class MoeSparseBlock(nn.Module):
         gate.top2_2nd_expert_sampling = self.training and self.top2_2nd_expert_sampling
         gate.use_rts = self.training and self.use_rts
         x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
+        # DeepSpeed's top-1 gate asserts T >= min_capacity (a cached decode step of one sequence has T = 1).
+        # Below min_capacity every token fits anyway, so capping it changes no routing decision.
+        gate.min_capacity = min(self.min_capacity, x_TD.shape[0])
         # The same fp32 logits DeepSpeed's gate computes (before any jitter); recomputed here for the z-loss
         # because the gate does not return them. T x D x E flops: negligible next to the experts.
         router_logits_TE = F.linear(x_TD.float(), self.router_weight.float())
@@ -316,6 +320,8 @@ class MoePreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, MoeRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, MoeRotaryEmbedding):

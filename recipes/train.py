@@ -39,6 +39,18 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return kept
 
 
+def default_single_process_env() -> None:
+    """`python recipes/train.py` without a launcher: a world of one (else DeepSpeed falls back to MPI discovery)."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def setup_logging(run_dir: Path, is_main: bool) -> None:
     handlers = [logging.StreamHandler(sys.stdout)]
     if is_main:
@@ -57,6 +69,7 @@ def train(cfg: RecipeConfig, resolved: dict) -> None:
     from moe_recipe.metrics import MetricsSink
     from moe_recipe.trainer import Trainer
 
+    default_single_process_env()
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.trainer.run_dir)
