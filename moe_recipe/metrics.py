@@ -2,6 +2,7 @@
 
 import json
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ class MetricsSink:
 
             # One W&B run per run directory: a resumed job continues the same W&B run.
             id_file = run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb_run = wandb.init(
                 project=cfg.project,

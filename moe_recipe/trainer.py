@@ -80,11 +80,14 @@ class Trainer:
         if start_step >= self.total_steps:
             log.info("nothing to do: the checkpoint is at step %d of %d", start_step, self.total_steps)
             return
+        end_step = self.total_steps
+        if self.t.stop_after_steps is not None:
+            end_step = min(end_step, start_step + self.t.stop_after_steps)
         progress = tqdm(total=self.total_steps, initial=start_step, disable=self.rank != 0, desc="train",
                         dynamic_ncols=True)
         self.engine.train()
         window, window_start, window_steps = None, time.perf_counter(), 0
-        for step in range(start_step, self.total_steps):
+        for step in range(start_step, end_step):
             stats = self.train_step(step)
             window = stats if window is None else window.__iadd__(stats)
             window_steps += 1
@@ -103,7 +106,7 @@ class Trainer:
                                f"ppl {eval_metrics['eval/perplexity']:.2f}")
                 window_start = time.perf_counter()  # keep eval time out of tokens/s
             self.preempted = self.preemption.any_rank(self.device)
-            if done % self.t.checkpoint_interval == 0 or done == self.total_steps or self.preempted:
+            if done % self.t.checkpoint_interval == 0 or done == end_step or self.preempted:
                 path = save_checkpoint(self.engine, self.checkpoint_dir, done)
                 progress.write(f"step {done}: checkpoint {path}")
                 window_start = time.perf_counter()
@@ -150,10 +153,11 @@ class Trainer:
             "train/aux_loss": losses[2].item(),
             "train/z_loss": losses[3].item(),
             "train/lr": self.engine.get_lr()[0],
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "perf/tokens_per_s": tokens_per_s,
             "perf/flops_per_s_per_device": achieved_flops,
         }
+        if grad_norm is not None:  # DeepSpeed keeps no global norm at ZeRO stage 0
+            metrics["train/grad_norm"] = float(grad_norm)
         if self.peak_flops:
             metrics["perf/mfu"] = achieved_flops / self.peak_flops
         share = tokens_per_expert / tokens_per_expert.sum(dim=1, keepdim=True).clamp(min=1)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -111,7 +112,11 @@ def train(cfg: RecipeConfig, resolved: dict) -> None:
         sys.exit(int(os.environ.get("MOE_PREEMPT_EXIT_CODE", "0")))
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# An absolute path, so `python recipes/train.py` and the installed `moe-train` command find the same conf/.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def hydra_main(hydra_cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(hydra_cfg, resolve=True)
     # Every check runs before any process group exists: a bad config stops all ranks with one message.
@@ -122,6 +127,8 @@ def hydra_main(hydra_cfg: DictConfig) -> None:
     except ValueError as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"Invalid configuration: {err}", file=sys.stderr)
+        else:
+            time.sleep(3)  # a launcher kills the other ranks when one exits: let rank 0 print first
         sys.exit(2)
     train(cfg, resolved)
 

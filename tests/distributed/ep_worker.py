@@ -56,7 +56,8 @@ for step in range(STEPS):
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
     losses.append(loss.item() / world)
-    grad_norms.append(float(engine.get_global_grad_norm()))
+    norm = engine.get_global_grad_norm()  # None at ZeRO stage 0: DeepSpeed does not keep it there
+    grad_norms.append(float("nan") if norm is None else float(norm))
 
 # Rename local expert i to its global id so every layout writes the same names.
 ep_rank = rank % args.ep_size
