@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv with the project installed (editable) and its test extras. Safe to re-run.
+#   bash scripts/setup_venv.sh
+# Without an NVIDIA GPU it installs the CPU build torch==2.13.0 first: a bare `torch` requirement would pull a
+# multi-GB CUDA build. With a GPU, set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0") or leave the default `torch`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if command -v nvidia-smi >/dev/null 2>&1; then
+  TORCH_SPEC=${TORCH_SPEC:-torch}
+else
+  TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+fi
+.venv/bin/python -m pip install -q "$TORCH_SPEC"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -c "import torch, deepspeed, transformers; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}')"
