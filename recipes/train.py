@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerFast
 
 from moe_recipe.config import RecipeConfig, recipe_config_from_dict, validate, world_size_from_env, max_steps
 from moe_recipe.data import load_tokenizer, prepare_splits
@@ -61,7 +62,7 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def train(cfg: RecipeConfig, resolved: dict) -> None:
+def train(cfg: RecipeConfig, resolved: dict, tokenizer: PreTrainedTokenizerFast) -> None:
     import deepspeed
     import torch.distributed as dist
 
@@ -80,7 +81,6 @@ def train(cfg: RecipeConfig, resolved: dict) -> None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         (run_dir / "ds_config.json").write_text(json.dumps(build_deepspeed_config(cfg, world_size), indent=2))
 
-    tokenizer = load_tokenizer(cfg.data)
     # Local rank 0 tokenizes and fills the datasets cache; the other ranks then read it.
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         dist.barrier()
@@ -130,7 +130,7 @@ def hydra_main(hydra_cfg: DictConfig) -> None:
         else:
             time.sleep(3)  # a launcher kills the other ranks when one exits: let rank 0 print first
         sys.exit(2)
-    train(cfg, resolved)
+    train(cfg, resolved, tokenizer)
 
 
 def main() -> None:
