@@ -3,7 +3,7 @@
     python recipes/train.py                                        # one process, the tiny default
     torchrun --nproc_per_node 2 recipes/train.py parallel.ep_size=2
     deepspeed --num_gpus 4 recipes/train.py parallel.ep_size=2 zero=stage2 logging=offline
-    moe-train +experiment=tiny_ep2                                 # the installed console command
+    moe-train trainer.max_steps=50                                 # the installed console command
 
 Any Hydra override works the same way under every launcher.
 """

@@ -1,6 +1,7 @@
 """The real entry points as a user runs them: the deepspeed launcher, torchrun, the console command, Hydra overrides."""
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -137,3 +138,18 @@ def test_bad_config_stops_with_one_message(tmp_path, procs, args, message):
     ours = [f'File "{REPO / package}' for package in ("recipes", "moe_recipe", "moe_model")]
     assert not any(frame in output for frame in ours) and (procs > 1 or "Traceback" not in output), output[-3000:]
     assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+def test_single_process_without_a_launcher(tmp_path):
+    run_dir = tmp_path / "run"
+    run_command([sys.executable, str(TRAIN), *overrides(run_dir, "trainer.max_steps=4", "zero=stage0")])
+    assert_trained(run_dir, steps=4)
+
+
+def test_launcher_local_rank_argument_is_not_a_hydra_override(monkeypatch):
+    from recipes.train import strip_launcher_args
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    argv = ["train.py", "--local_rank=3", "parallel.ep_size=2", "--local_rank", "1", "zero=stage2"]
+    assert strip_launcher_args(argv) == ["train.py", "parallel.ep_size=2", "zero=stage2"]
+    assert os.environ["LOCAL_RANK"] == "3"
