@@ -1,0 +1,31 @@
+# Sourced by the sbatch scripts, which run on the job's first node in the submit directory (the repository root):
+# the run directory, the rendezvous address, and the requeue on preemption.
+
+# One run directory per job, shared by all ranks. A requeued job keeps its id, so it finds its own checkpoints
+# (trainer.resume=auto). A trainer.run_dir override on the command line wins.
+RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
+for arg in "$@"; do
+    if [[ $arg == trainer.run_dir=* ]]; then RUN_DIR=${arg#trainer.run_dir=}; fi
+done
+mkdir -p "$RUN_DIR"
+
+# Rank 0 runs on the first node, where this script runs: a port free here is free for the rendezvous.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+export MASTER_ADDR MASTER_PORT
+
+# After SIGUSR1 (the --signal warning before the time limit, or scancel --signal=USR1) or SIGTERM the recipe
+# finishes its step, checkpoints and exits with this code; the job then requeues itself.
+export MOE_PREEMPT_EXIT_CODE=${MOE_PREEMPT_EXIT_CODE:-75}
+
+echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: run dir ${RUN_DIR}," \
+     "master ${MASTER_ADDR}:${MASTER_PORT}"
+
+requeue_if_preempted() {  # $1: srun's exit status
+    if [[ $1 == "$MOE_PREEMPT_EXIT_CODE" ]]; then
+        echo "job ${SLURM_JOB_ID}: preempted, checkpoint saved in ${RUN_DIR}/checkpoints; requeueing"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    exit "$1"
+}
