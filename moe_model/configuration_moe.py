@@ -1,8 +1,11 @@
 """Configuration of the MoE causal LM whose sparse blocks are DeepSpeed MoE layers."""
 
+import warnings
+
 from transformers import PretrainedConfig
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
+MOE_BACKENDS = ("deepspeed", "autoep")
 
 
 class MoeConfig(PretrainedConfig):
@@ -19,6 +22,13 @@ class MoeConfig(PretrainedConfig):
 
     Layer `i` is an MoE layer when `i >= first_k_dense_replace` and `i % moe_layer_freq == 0` (DeepSeek's rule);
     the others use a dense SwiGLU of `intermediate_size`.
+
+    `moe_backend` picks the implementation of the MoE layers; both compute the same function from the same weights
+    when no token is dropped, and one seed gives both the same initial weights:
+      - "deepspeed": DeepSpeed's native MoE layer (capacity, token dropping, its gates' noise options).
+      - "autoep": a Mixtral-layout block (`gate` + fused `experts.gate_up_proj` / `experts.down_proj`) that
+        DeepSpeed AutoEP (the "expert_parallel" DeepSpeed config) swaps for its dropless grouped-GEMM layer; the
+        only DeepSpeed MoE path that works with ZeRO-3. Always dropless, so the capacity settings do not apply.
     """
 
     model_type = "deepspeed_moe"
@@ -56,6 +66,7 @@ class MoeConfig(PretrainedConfig):
         first_k_dense_replace: int = 0,
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
+        moe_backend: str = "deepspeed",
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -90,6 +101,7 @@ class MoeConfig(PretrainedConfig):
         self.first_k_dense_replace = first_k_dense_replace
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
+        self.moe_backend = moe_backend
         self.validate()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -141,6 +153,18 @@ class MoeConfig(PretrainedConfig):
             fail("no layer is an MoE layer with these first_k_dense_replace / moe_layer_freq settings.")
         if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
             fail("router_aux_loss_coef and router_z_loss_coef must be >= 0.")
+        if self.moe_backend not in MOE_BACKENDS:
+            fail(f"moe_backend={self.moe_backend!r} must be one of {MOE_BACKENDS}.")
+        if self.moe_backend == "autoep":
+            if self.noisy_gate_policy is not None or self.use_residual:
+                fail("noisy_gate_policy and use_residual (PR-MoE) exist only in DeepSpeed's native MoE layer; "
+                     "set noisy_gate_policy=null and use_residual=false, or use moe_backend='deepspeed'.")
+            ignored = [name for name, on in (("drop_tokens", self.drop_tokens), ("top2_2nd_expert_sampling",
+                       self.top2_2nd_expert_sampling and self.num_experts_per_tok == 2)) if on]
+            if ignored:
+                warnings.warn(f"MoeConfig: moe_backend='autoep' is dropless top-k routing, so {ignored} (and the "
+                              "capacity settings) have no effect; set them to false to silence this warning.",
+                              stacklevel=3)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0

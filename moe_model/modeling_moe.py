@@ -1,10 +1,13 @@
 """A Hugging Face-style MoE causal LM whose sparse blocks are DeepSpeed MoE layers.
 
+Two implementations of the MoE layer, chosen by `MoeConfig.moe_backend`: `MoeSparseBlock` wraps DeepSpeed's native
+MoE layer; `MoeAutoEPBlock` is the dropless block DeepSpeed AutoEP detects and replaces (see `autoep_layer_settings`).
+
 Shape legend used in tensor names:
     B batch, S query length, P cached (past) length, T tokens (B * S), D hidden size, V vocab,
     H attention heads, Hkv key/value heads, Dh head dim,
     E experts, El local experts (E / ep_size), G ep_size, C capacity per expert, F expert intermediate size,
-    k experts per token, L MoE layers.
+    k experts per token, N routed (token, slot) pairs (T * k), L MoE layers.
 """
 
 from dataclasses import dataclass
@@ -147,9 +150,47 @@ def expert_parallel_rank(ep_size: int) -> int:
     return dist.get_rank() % ep_size
 
 
+def draw_layer_seed() -> int:
+    """One draw per MoE layer from the global RNG: the seed of the layer's experts (`MoePreTrainedModel._init_weights`).
+
+    The blocks build their modules under `torch.random.fork_rng` after this draw: the constructors' random inits are
+    overwritten by `_init_weights` anyway, and keeping them off the global stream makes every later draw independent
+    of how a block is built, so one seed gives the same weights whatever ep_size and moe_backend are.
+    """
+    return int(torch.randint(0, 2**40, (), device="cpu"))
+
+
 def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2."""
     return torch.logsumexp(router_logits_TE.float(), dim=-1).square().mean()
+
+
+def renormalizes_top_k(config: MoeConfig) -> bool:
+    """DeepSpeed's gates weigh a top-1 expert by its softmax probability; top-2 and top-k weights are renormalized."""
+    return config.num_experts_per_tok > 1
+
+
+def route_top_k(router_logits_TE: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (fp32) top-k routing, as AutoEP's router: (combine weights [T, k], experts [T, k], best first)."""
+    probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
+    top_probs_Tk, top_experts_Tk = probs_TE.topk(k, dim=-1)
+    if renormalize:
+        top_probs_Tk = top_probs_Tk / top_probs_Tk.sum(dim=-1, keepdim=True)
+    return top_probs_Tk, top_experts_Tk
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's gate aux loss: E * sum_e(mean probability of e * share of tokens routed to e) / k'.
+
+    Its top-1 and top-2 gates count first choices only (k' = 1); its top-k gate (k > 2) counts all k (k' = k).
+    `top_experts_Tk` must hold the best expert first.
+    """
+    T, E = probs_TE.shape
+    counted_Tk = top_experts_Tk[:, :1] if top_experts_Tk.shape[1] <= 2 else top_experts_Tk
+    share_E = torch.zeros(E, device=probs_TE.device).scatter_add_(
+        0, counted_Tk.flatten(), torch.full((counted_Tk.numel(),), 1.0 / T, device=probs_TE.device)
+    )
+    return (probs_TE.mean(0) * share_E).sum() * E / counted_Tk.shape[1]
 
 
 @dataclass
@@ -173,41 +214,41 @@ class MoeSparseBlock(nn.Module):
         self.use_rts = config.use_rts
         self.min_capacity = config.min_capacity
         self.top2_2nd_expert_sampling = config.top2_2nd_expert_sampling
-        self.moe = MoE(
-            hidden_size=config.hidden_size,
-            expert=MoeMLP(config.hidden_size, config.moe_intermediate_size),
-            num_experts=config.num_experts,
-            ep_size=config.ep_size,
-            k=config.num_experts_per_tok,
-            capacity_factor=config.capacity_factor,
-            eval_capacity_factor=config.eval_capacity_factor,
-            min_capacity=config.min_capacity,
-            use_residual=config.use_residual,
-            noisy_gate_policy=config.noisy_gate_policy,
-            drop_tokens=config.drop_tokens,
-            use_rts=config.use_rts,
-            top2_2nd_expert_sampling=config.top2_2nd_expert_sampling,
-        )
+        layer_seed = draw_layer_seed()
+        with torch.random.fork_rng(devices=[]):  # see draw_layer_seed
+            self.moe = MoE(
+                hidden_size=config.hidden_size,
+                expert=MoeMLP(config.hidden_size, config.moe_intermediate_size),
+                num_experts=config.num_experts,
+                ep_size=config.ep_size,
+                k=config.num_experts_per_tok,
+                capacity_factor=config.capacity_factor,
+                eval_capacity_factor=config.eval_capacity_factor,
+                min_capacity=config.min_capacity,
+                use_residual=config.use_residual,
+                noisy_gate_policy=config.noisy_gate_policy,
+                drop_tokens=config.drop_tokens,
+                use_rts=config.use_rts,
+                top2_2nd_expert_sampling=config.top2_2nd_expert_sampling,
+            )
+            self.shared_experts = (
+                MoeMLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
+                if config.num_shared_experts
+                else None
+            )
         self.moe.deepspeed_moe.experts = MoeBatchedExperts(self.moe.deepspeed_moe.experts.deepspeed_experts)
-        self._seed_experts(expert_parallel_rank(config.ep_size) * self.moe.num_local_experts)
-        self.shared_experts = (
-            MoeMLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
-            if config.num_shared_experts
-            else None
-        )
+        self._seed_experts(layer_seed, expert_parallel_rank(config.ep_size) * self.moe.num_local_experts)
         # DeepSpeed's exp_counts are counted before the capacity limit; its gate's sparse routes mark each
         # dropped (token, slot) with expert -1, so keep them to count what the experts really received.
         self._routes_kT: torch.Tensor | None = None
         self.moe.deepspeed_moe.gate.register_forward_hook(self._keep_routes)
 
-    def _seed_experts(self, first_global_expert: int) -> None:
+    def _seed_experts(self, layer_seed: int, first_global_expert: int) -> None:
         """Give every expert projection a seed from (layer draw, global expert id, projection).
 
         DeepSpeed deep-copies one expert, so without this all experts would start identical; with it, global
         expert i starts from the same tensor whatever ep_size is (see `MoePreTrainedModel._init_weights`).
-        One draw per MoE layer from the global RNG keeps the other modules' draws independent of ep_size.
         """
-        layer_seed = int(torch.randint(0, 2**40, (), device="cpu"))
         for local_id, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
             for proj_id, proj in enumerate((expert.gate_proj, expert.up_proj, expert.down_proj)):
                 proj.expert_init_seed = layer_seed + 3 * (first_global_expert + local_id) + proj_id
@@ -251,12 +292,165 @@ class MoeSparseBlock(nn.Module):
         return out_BSD, routing
 
 
+def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor, counts_E: torch.Tensor):
+    """`x @ w[e].T` over each expert's contiguous rows of x: one grouped GEMM where torch has the kernel.
+
+    torch 2.13's grouped_mm runs on CPU and in bf16 on CUDA; other CUDA dtypes loop over the experts, which needs
+    the split sizes on the host (a sync).
+    """
+    if x_ND.device.type == "cpu" or x_ND.dtype == torch.bfloat16:
+        return F.grouped_mm(x_ND, w_EOI.transpose(1, 2), offs=offsets_E)
+    return torch.cat([x @ w.T for x, w in zip(x_ND.split(counts_E.tolist()), w_EOI)])
+
+
+class MoeExperts(nn.Module):
+    """All E experts' SwiGLU weights stacked in transformers' Mixtral layout, run as grouped GEMMs.
+
+    `gate_up_proj[e]` is expert e's gate projection on top of its up projection ([2F, D]); `down_proj[e]` is [D, F].
+    """
+
+    def __init__(self, config: MoeConfig, layer_seed: int) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.intermediate_size = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * self.intermediate_size,
+                                                     config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, self.intermediate_size))
+        self.act_fn = F.silu  # AutoEP checks it against the activation its grouped experts compute (SwiGLU)
+        self.expert_init_seed = layer_seed
+
+    def forward(self, x_TD: torch.Tensor, top_experts_Tk: torch.Tensor, top_weights_Tk: torch.Tensor) -> torch.Tensor:
+        T, k = top_experts_Tk.shape
+        experts_N = top_experts_Tk.flatten()
+        order_N = experts_N.argsort(stable=True)  # routes grouped by expert; route n is token n // k
+        # A scatter, not bincount: bincount sizes its output from the data, a host sync.
+        counts_E = torch.zeros(self.num_experts, device=x_TD.device, dtype=torch.int32)
+        counts_E.scatter_add_(0, experts_N, torch.ones_like(experts_N, dtype=torch.int32))
+        offsets_E = counts_E.cumsum(0, dtype=torch.int32)
+        x_ND = x_TD[order_N // k]
+        gate_NF, up_NF = grouped_linear(x_ND, self.gate_up_proj, offsets_E, counts_E).chunk(2, dim=-1)
+        out_ND = grouped_linear(self.act_fn(gate_NF) * up_NF, self.down_proj, offsets_E, counts_E)
+        # Back to (token, slot) order, then the weighted sum over the k slots in fp32, as AutoEP combines.
+        out_TkD = torch.empty_like(out_ND).index_copy_(0, order_N, out_ND).view(T, k, -1)
+        return (out_TkD.float() * top_weights_Tk[..., None]).sum(1).to(x_TD.dtype)
+
+
+class MoeAutoEPBlock(nn.Module):
+    """A dropless top-k MoE block in the layout DeepSpeed AutoEP detects: router `gate`, `experts`, `shared_experts`.
+
+    Under a DeepSpeed engine whose config enables "expert_parallel" (see `autoep_layer_settings`), AutoEP swaps it
+    for its AutoEPMoELayer: experts split over ep_size ranks, all-to-all dispatch, grouped GEMMs, ZeRO-3 support.
+    This forward computes the same function in one process (inference, export, tests). Like AutoEP's layer it
+    returns the hidden states only; `MoeRouterObserver` reads the routing from the router's logits.
+
+    The routing is DeepSpeed's native gate without drops or noise: softmax over fp32 logits, top-k, renormalized
+    for k > 1; so both backends agree whenever the native one drops no token.
+    """
+
+    def __init__(self, config: MoeConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = renormalizes_top_k(config)
+        layer_seed = draw_layer_seed()
+        with torch.random.fork_rng(devices=[]):  # see draw_layer_seed
+            self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+            self.experts = MoeExperts(config, layer_seed)
+            self.shared_experts = (
+                MoeMLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
+                if config.num_shared_experts
+                else None
+            )
+
+    def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
+        x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
+        top_weights_Tk, top_experts_Tk = route_top_k(self.gate(x_TD), self.top_k, self.renormalize)
+        out_BSD = self.experts(x_TD, top_experts_Tk, top_weights_Tk).view_as(hidden_BSD)
+        if self.shared_experts is not None:
+            out_BSD = out_BSD + self.shared_experts(hidden_BSD)
+        return out_BSD
+
+
+def autoep_layer_settings(config: MoeConfig) -> dict:
+    """The "expert_parallel" keys with which DeepSpeed AutoEP finds every MoeAutoEPBlock and routes as it does.
+
+    Custom patterns rather than a preset: they go through AutoEP's default adapter, which leaves transformers'
+    output recorders alone (the mixtral preset's adapter retargets them, and fails with transformers 5.23.0).
+    Dense layers match the layer pattern too; AutoEP skips them because they have no `experts`. AutoEP logs that
+    its router implements no z-loss: `MoeRouterObserver` adds it, and the aux loss, outside the replaced layer.
+    """
+    settings = {
+        "moe_layer_pattern": r"model\.layers\.\d+\.mlp",
+        "router_pattern": "gate",
+        "expert_pattern": "experts",
+        "expert_w1": "gate_up_proj",
+        "expert_w2": "down_proj",
+        "expert_w3": None,  # gate and up fused in expert_w1
+        "expert_activation": "swiglu",
+        "num_experts_attr": "num_experts",
+        "top_k_attr": "num_experts_per_tok",
+        "score_func": "softmax",
+        "score_apply": "post",
+        "route_norm": renormalizes_top_k(config),
+        "has_shared_experts": config.num_shared_experts > 0,
+    }
+    if config.num_shared_experts:
+        settings["shared_experts_pattern"] = "shared_experts"
+    return settings
+
+
+class MoeRouterObserver:
+    """The routing statistics of an autoep MoE layer, read from the logits its router's linear layer returns.
+
+    AutoEP's layer returns only the hidden states and replaces the block inside `deepspeed.initialize`, so a forward
+    hook follows the router: `gate` on MoeAutoEPBlock, `router.gate` on AutoEP's AutoEPMoELayer. The aux loss, z-loss
+    and counts are those of `MoeSparseBlock` without drops. A plain object, so it adds nothing to the state dict.
+    """
+
+    def __init__(self, config: MoeConfig) -> None:
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self._gate: nn.Module | None = None
+        self._router_logits_TE: torch.Tensor | None = None
+
+    def watch(self, block: nn.Module) -> None:
+        router = getattr(block, "router", None)
+        gate = block.gate if router is None else router.gate
+        if gate is not self._gate:
+            gate.register_forward_hook(self._keep_logits)
+            self._gate = gate
+
+    def _keep_logits(self, gate, args, output) -> None:
+        self._router_logits_TE = output
+
+    def pop(self) -> MoeRouting:
+        router_logits_TE, self._router_logits_TE = self._router_logits_TE, None
+        probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
+        top_experts_Tk = probs_TE.topk(self.top_k, dim=-1).indices
+        counts_E = torch.zeros(self.num_experts, device=probs_TE.device)
+        counts_E.scatter_add_(0, top_experts_Tk.flatten(), torch.ones(top_experts_Tk.numel(), device=probs_TE.device))
+        return MoeRouting(
+            aux_loss=load_balancing_loss(probs_TE, top_experts_Tk),
+            z_loss=router_z_loss(router_logits_TE),
+            router_logits_TE=router_logits_TE,
+            tokens_per_expert_E=counts_E,
+            dropped_fraction=torch.zeros((), device=probs_TE.device),
+        )
+
+
 class MoeDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MoeConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = MoeAttention(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx)
-        self.mlp = MoeSparseBlock(config) if self.is_moe else MoeMLP(config.hidden_size, config.intermediate_size)
+        # autoep layers return only hidden states; the observer supplies their routing (native blocks return it).
+        self.router_observer = None
+        if not self.is_moe:
+            self.mlp = MoeMLP(config.hidden_size, config.intermediate_size)
+        elif config.moe_backend == "autoep":
+            self.mlp = MoeAutoEPBlock(config)
+            self.router_observer = MoeRouterObserver(config)
+        else:
+            self.mlp = MoeSparseBlock(config)
         self.input_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -264,6 +458,10 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
         hidden_BSD = hidden_BSD + self.self_attn(
             self.input_layernorm(hidden_BSD), position_embeddings, attn_mask, past_key_values
         )
+        if self.router_observer is not None:
+            self.router_observer.watch(self.mlp)  # AutoEP may have replaced the block since the last call
+            mlp_out = self.mlp(self.post_attention_layernorm(hidden_BSD))
+            return hidden_BSD + mlp_out, self.router_observer.pop()
         mlp_out = self.mlp(self.post_attention_layernorm(hidden_BSD))
         if self.is_moe:
             mlp_out, routing = mlp_out
@@ -318,6 +516,16 @@ class MoePreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, MoeExperts):
+            # Expert e from the seeds MoeSparseBlock gives its expert e's (gate, up, down): both backends start equal.
+            def draw(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+                return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * std
+
+            E, D, F_ = module.num_experts, module.gate_up_proj.shape[-1], module.intermediate_size
+            seeds = [module.expert_init_seed + 3 * e for e in range(E)]
+            init.copy_(module.gate_up_proj, torch.stack([torch.cat([draw(s, (F_, D)), draw(s + 1, (F_, D))])
+                                                         for s in seeds]))
+            init.copy_(module.down_proj, torch.stack([draw(s + 2, (D, F_)) for s in seeds]))
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
@@ -441,11 +649,15 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "MoeAutoEPBlock",
     "MoeBatchedExperts",
     "MoeCausalLMOutputWithPast",
+    "MoeExperts",
     "MoeForCausalLM",
     "MoeModel",
     "MoePreTrainedModel",
+    "MoeRouterObserver",
     "MoeSparseBlock",
+    "autoep_layer_settings",
     "router_z_loss",
 ]

@@ -6,6 +6,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import nn
 
 from moe_model import MoeConfig
+from moe_model.modeling_moe import autoep_layer_settings
 
 from .config import RecipeConfig, global_batch_size, max_steps
 
@@ -27,7 +28,7 @@ def build_deepspeed_config(cfg: RecipeConfig, world_size: int) -> dict:
                     allgather_bucket_size=z.reduce_bucket_size)
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return {
+    ds_config = {
         "train_batch_size": global_batch_size(t, world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -51,6 +52,16 @@ def build_deepspeed_config(cfg: RecipeConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    model = cfg.model_config()
+    if model.moe_backend == "autoep":
+        ds_config["expert_parallel"] = {
+            "enabled": True,
+            "autoep_size": cfg.parallel.ep_size,
+            # torch's grouped GEMM runs on CPU and in bf16 on CUDA; other CUDA dtypes take AutoEP's expert loop.
+            "use_grouped_mm": precision == "bf16" or not torch.cuda.is_available(),
+            **autoep_layer_settings(model),
+        }
+    return ds_config
 
 
 def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -82,7 +93,10 @@ def initialize_engine(model: nn.Module, cfg: RecipeConfig, world_size: int):
     import deepspeed
 
     ds_config = build_deepspeed_config(cfg, world_size)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
+    # A callable: DeepSpeed builds the optimizer once AutoEP (if enabled) has replaced the MoE blocks, so the groups
+    # hold AutoEP's expert parameters, tagged for their expert-parallel group, and never the discarded ones.
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=lambda _: build_optimizer(model, cfg),
+                                           config=ds_config)
     return engine
 
 

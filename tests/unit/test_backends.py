@@ -1,0 +1,245 @@
+"""The two MoE backends against each other, in one CPU process: from the same seed, moe_backend="autoep"
+(MoeAutoEPBlock, and DeepSpeed AutoEP's layer that replaces it) starts from the same weights and computes the same
+losses, router statistics and gradients as moe_backend="deepspeed" when no token is dropped; AutoEP finds the block
+from `autoep_layer_settings`; the recipe puts the backend into the DeepSpeed config and its validation.
+
+Multi-process training through the engine (EP 2, ZeRO-2 and ZeRO-3) is tests/distributed/test_autoep.py.
+"""
+
+import pytest
+import torch
+from deepspeed.module_inject.auto_ep import AutoEP
+from deepspeed.module_inject.auto_ep_config import parse_autoep_config
+from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+from moe_model import MoeConfig, MoeForCausalLM
+from moe_model.modeling_moe import MoeAutoEPBlock, MoeSparseBlock, autoep_layer_settings
+from moe_recipe.config import validate
+from moe_recipe.engine import build_deepspeed_config
+from tests.unit.test_conf import compose_recipe
+
+# Layer 0 dense, layers 1 and 2 MoE; std 0.2 gives O(1) outputs and peaked routers, so tolerances mean something.
+DROPLESS = dict(drop_tokens=False, num_hidden_layers=3, first_k_dense_replace=1, initializer_range=0.2,
+                router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
+CASES = {
+    "top1": dict(num_experts_per_tok=1),
+    "top2": dict(num_experts_per_tok=2),
+    "top3": dict(num_experts_per_tok=3),
+    "top2-shared": dict(num_experts_per_tok=2, num_shared_experts=1),
+    "top4-of-8-shared": dict(num_experts_per_tok=4, num_experts=8, num_shared_experts=2),
+}
+NATIVE_ROUTER = "{layer}.mlp.moe.deepspeed_moe.gate.wg.weight"
+NATIVE_EXPERT = "{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{e}.{proj}.weight"
+# Stacked expert weights [E, out, in] -> the native projection they hold, for MoeAutoEPBlock (down_proj; gate_up_proj
+# is split below) and for AutoEP's GroupedExperts (w1 gate, w3 up, w2 down).
+STACKED = {"experts.down_proj": "down_proj", "experts.w1": "gate_proj", "experts.w3": "up_proj",
+           "experts.w2": "down_proj"}
+
+
+def both_backends(tiny_model, **overrides) -> tuple[MoeForCausalLM, MoeForCausalLM]:
+    return tiny_model(**DROPLESS, **overrides), tiny_model(**DROPLESS, moe_backend="autoep", **overrides)
+
+
+def in_native_names(model: MoeForCausalLM, grads: bool = False) -> dict[str, torch.Tensor]:
+    """An autoep model's parameters (or gradients) under the native backend's names, one tensor per expert."""
+    out = {}
+    for name, param in model.named_parameters():
+        value = param.grad if grads else param.detach()
+        layer, _, rest = name.partition(".mlp.")
+        if rest in ("gate.weight", "router.gate.weight"):
+            out[NATIVE_ROUTER.format(layer=layer)] = value
+        elif rest == "experts.gate_up_proj":
+            for e, (gate, up) in enumerate(zip(*value.chunk(2, dim=1))):
+                out[NATIVE_EXPERT.format(layer=layer, e=e, proj="gate_proj")] = gate
+                out[NATIVE_EXPERT.format(layer=layer, e=e, proj="up_proj")] = up
+        elif rest in STACKED:
+            for e, weight in enumerate(value):
+                out[NATIVE_EXPERT.format(layer=layer, e=e, proj=STACKED[rest])] = weight
+        else:
+            out[name] = value
+    return out
+
+
+def native_params(model: MoeForCausalLM, grads: bool = False) -> dict[str, torch.Tensor]:
+    return {name: param.grad if grads else param.detach() for name, param in model.named_parameters()}
+
+
+def replace_with_autoep(model: MoeForCausalLM) -> list:
+    """What `deepspeed.initialize` does with an "expert_parallel" config, at ep_size 1 (no process group needed)."""
+    autoep = AutoEP(model, parse_autoep_config({"enabled": True, "autoep_size": 1, **autoep_layer_settings(model.config)}))
+    specs = autoep.ep_parser()
+    autoep.replace_moe_layers(specs, ep_size=1, ep_rank=0)
+    return specs
+
+
+def forward_backward(model: MoeForCausalLM, input_ids: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids, labels=input_ids)
+    if model.training:
+        out.loss.backward()
+    return out
+
+
+def assert_same_outputs(out, reference) -> None:
+    for field in ("loss", "lm_loss", "aux_loss", "z_loss", "logits"):
+        torch.testing.assert_close(getattr(out, field), getattr(reference, field), rtol=1e-5, atol=1e-5, msg=field)
+    assert torch.equal(out.tokens_per_expert, reference.tokens_per_expert)
+    assert out.dropped_fraction.abs().sum().item() == 0.0
+
+
+def assert_same_tensors(actual: dict, expected: dict, atol: float) -> None:
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=1e-4, atol=atol, msg=name)
+
+
+def test_same_seed_gives_both_backends_the_same_weights(tiny_model):
+    native, autoep = both_backends(tiny_model, num_shared_experts=1)
+    assert isinstance(native.model.layers[1].mlp, MoeSparseBlock)
+    assert isinstance(autoep.model.layers[1].mlp, MoeAutoEPBlock)
+    actual, expected = in_native_names(autoep), native_params(native)
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+    experts = autoep.model.layers[1].mlp.experts.gate_up_proj
+    assert not torch.equal(experts[0], experts[1])  # experts start distinct
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_autoep_block_matches_native_backend(tiny_model, overrides, training):
+    native, autoep = both_backends(tiny_model, **overrides)
+    native.train(training), autoep.train(training)
+    input_ids = torch.randint(0, native.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    reference = forward_backward(native, input_ids)
+    out = forward_backward(autoep, input_ids)
+
+    assert_same_outputs(out, reference)
+    assert reference.aux_loss.item() > 0 and reference.dropped_fraction.sum().item() == 0.0
+    if training:
+        assert_same_tensors(in_native_names(autoep, grads=True), native_params(native, grads=True), atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+def test_autoep_detects_only_the_moe_blocks(tiny_model, overrides):
+    model = tiny_model(**DROPLESS, moe_backend="autoep", **overrides)
+    specs = AutoEP(model, parse_autoep_config({"enabled": True, **autoep_layer_settings(model.config)})).ep_parser()
+
+    config = model.config
+    assert [spec.moe_module_name for spec in specs] == ["model.layers.1.mlp", "model.layers.2.mlp"]  # 0 is dense
+    for spec in specs:
+        assert (spec.num_experts, spec.top_k) == (config.num_experts, config.num_experts_per_tok)
+        assert (spec.hidden_size, spec.ffn_hidden_size) == (config.hidden_size, config.moe_intermediate_size)
+        assert (spec.score_func, spec.score_apply, spec.expert_activation) == ("softmax", "post", "swiglu")
+        assert spec.route_norm is (config.num_experts_per_tok > 1)  # DeepSpeed's gates renormalize top-2 and top-k
+        assert spec.has_shared_experts is (config.num_shared_experts > 0)
+        assert spec.expert_storage == "fused_3d" and spec.expert_w3_name is None
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+def test_autoep_replacement_computes_what_the_block_computed(tiny_model, overrides):
+    model = tiny_model(**DROPLESS, moe_backend="autoep", **overrides).train()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    reference = forward_backward(model, input_ids)
+    reference_grads = {name: grad.clone() for name, grad in in_native_names(model, grads=True).items()}
+
+    replace_with_autoep(model)
+    out = forward_backward(model, input_ids)  # the router observer must now follow AutoEP's router.gate
+
+    assert [type(layer.mlp) for layer in model.model.layers[1:]] == [AutoEPMoELayer] * 2
+    assert_same_outputs(out, reference)
+    assert_same_tensors(in_native_names(model, grads=True), reference_grads, atol=1e-6)
+
+
+def test_autoep_gradient_checkpointing_gives_same_loss_and_grads(tiny_model):
+    model = tiny_model(**DROPLESS, moe_backend="autoep", num_experts_per_tok=2).train()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    reference = forward_backward(model, input_ids)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = forward_backward(model, input_ids)
+
+    assert_same_outputs(out, reference)
+    assert_same_tensors({name: p.grad for name, p in model.named_parameters()}, grads, atol=1e-7)
+
+
+def test_autoep_generate_with_and_without_cache_agree_and_round_trips(tiny_model, tmp_path):
+    model = tiny_model(**DROPLESS, moe_backend="autoep", num_experts_per_tok=2)
+    input_ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    def greedy(m, use_cache):
+        return m.generate(input_ids, max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+    assert torch.equal(greedy(model, True), greedy(model, False))
+    model.save_pretrained(tmp_path)
+    loaded = MoeForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.moe_backend == "autoep"
+    assert torch.equal(greedy(loaded, True), greedy(model, True))
+
+
+# --- configuration ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(moe_backend="tutel"), "moe_backend='tutel' must be one of"),
+        (dict(moe_backend="autoep", noisy_gate_policy="Jitter"), "exist only in DeepSpeed's native MoE layer"),
+        (dict(moe_backend="autoep", use_residual=True), "exist only in DeepSpeed's native MoE layer"),
+    ],
+)
+def test_config_rejects_native_only_settings_with_autoep(tiny_config, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(drop_tokens=False, **overrides)
+
+
+def test_config_warns_that_autoep_ignores_token_dropping(tiny_config):
+    with pytest.warns(UserWarning, match=r"dropless top-k routing, so \['drop_tokens'\]"):
+        tiny_config(moe_backend="autoep", drop_tokens=True)
+
+
+def test_deepspeed_config_enables_autoep_only_for_the_autoep_backend():
+    assert "expert_parallel" not in build_deepspeed_config(compose_recipe("parallel.ep_size=2"), world_size=4)
+
+    cfg = compose_recipe("model.moe_backend=autoep", "model.drop_tokens=false", "model.num_shared_experts=1",
+                         "parallel.ep_size=2", "zero.stage=3")
+    expert_parallel = build_deepspeed_config(cfg, world_size=4)["expert_parallel"]
+    assert expert_parallel["enabled"] is True and expert_parallel["autoep_size"] == 2
+    assert expert_parallel["use_grouped_mm"] is True  # CPU, or bf16 on CUDA
+    assert expert_parallel["shared_experts_pattern"] == "shared_experts" and expert_parallel["route_norm"] is True
+    assert parse_autoep_config(expert_parallel).moe_layer_pattern == r"model\.layers\.\d+\.mlp"
+    # No preset: the presets' adapters break on transformers 5.23.0; the custom patterns take the default adapter.
+    assert "preset_model" not in expert_parallel
+
+
+def test_zero3_needs_the_autoep_backend():
+    with pytest.raises(ValueError, match="set model.moe_backend=autoep"):
+        validate(compose_recipe("zero.stage=3"), world_size=2, tokenizer_vocab_size=4096)
+    model = validate(compose_recipe("zero.stage=3", "model.moe_backend=autoep", "model.drop_tokens=false",
+                                    "parallel.ep_size=2"), world_size=2, tokenizer_vocab_size=4096)
+    assert isinstance(model, MoeConfig) and model.moe_backend == "autoep"
+    # DeepSpeed's top-1 capacity floor does not exist in AutoEP's dropless layer.
+    validate(compose_recipe("model.moe_backend=autoep", "model.drop_tokens=false", "model.num_experts_per_tok=1",
+                            "trainer.micro_batch_size=1", "data.seq_len=2"), world_size=1, tokenizer_vocab_size=4096)
+
+
+# --- GPU: the grouped-GEMM paths (bf16) and the expert loop (fp32) on CUDA ----------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_backends_agree_on_cuda(tiny_model, dtype):
+    native, autoep = (m.to("cuda", dtype).train() for m in both_backends(tiny_model, num_shared_experts=1))
+    input_ids = torch.randint(0, native.config.vocab_size, (4, 32), device="cuda")
+    reference = forward_backward(native, input_ids)
+    out = forward_backward(autoep, input_ids)
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.lm_loss, reference.lm_loss, **tolerance)
+
+    replace_with_autoep(autoep)  # AutoEP's GroupedExperts: torch grouped GEMM (Triton below sm90) on CUDA
+    replaced = forward_backward(autoep, input_ids)
+    torch.testing.assert_close(replaced.lm_loss, out.lm_loss, **tolerance)
+    assert torch.equal(replaced.tokens_per_expert, out.tokens_per_expert)
