@@ -1,54 +1,312 @@
-"""Checkpoints through the DeepSpeed engine, plus what the engine does not keep: step and per-rank RNG."""
+"""Checkpoints that survive a crash and a change of layout.
 
+A checkpoint is a folder `step_XXXXXXXX/` holding
+- DeepSpeed's native checkpoint (model states, one file per expert, ZeRO optimizer shards): exact resume at the
+  layout it was saved with (same world size, ep_size, ZeRO stage, offload and precision);
+- `portable/`: every parameter's fp32 master weight and Adam moments under its global name (see reshard.py): resume
+  at any other layout, and the export command, read these;
+- `rng_rankXXXXX.pt`: each rank's RNG state;
+- `checkpoint.json`, the manifest: step, model config, layout, LR schedule, engine counters, every tensor's file and
+  shape, every file's size.
+
+Crash safety: the ranks write into `step_XXXXXXXX.incomplete/`; after a barrier rank 0 writes the manifest, fsyncs,
+renames the folder to `step_XXXXXXXX` (atomic on POSIX) and only then points `latest` at it (temp file + os.replace).
+A process killed at any moment therefore leaves either a complete `step_XXXXXXXX` or an `.incomplete` folder that
+resume ignores and the next save removes. Resume scans for the newest complete folder rather than trusting `latest`
+(kept for DeepSpeed's tools such as zero_to_fp32.py), and checks every file against the manifest before loading.
+"""
+
+import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from moe_model import MoeConfig
+
+from .reshard import check_tensors_match, load_portable_state, save_portable_state, unsupported_reason
+
 log = logging.getLogger(__name__)
+
+MANIFEST = "checkpoint.json"
+FORMAT = "moe-recipe-checkpoint-v1"
+INCOMPLETE = ".incomplete"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+# The fields that fix the parameters' names and shapes: a checkpoint only loads into a model that agrees on all.
+ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_shared_experts",
+                     "use_residual", "moe_layer_freq", "first_k_dense_replace", "tie_word_embeddings", "moe_backend")
+_DEFAULTS = {"moe_backend": "deepspeed"}  # for configs from before the field existed
+# Differences here are legitimate between jobs (ep_size is the layout; the rest is bookkeeping).
+_UNCOMPARED_KEYS = {"ep_size", "transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path",
+                    "pad_token_id", "bos_token_id", "eos_token_id", "auto_map"}
 
 
 def checkpoint_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def current_layout(engine) -> dict:
+    """What a native DeepSpeed checkpoint is tied to."""
+    return {
+        "world_size": dist.get_world_size(),
+        "ep_size": engine.module.config.ep_size,
+        "zero_stage": engine.zero_optimization_stage(),
+        "offload_optimizer": bool(engine.zero_cpu_offload()),
+        "dtype": str(engine.get_data_types()[0]).removeprefix("torch."),
+    }
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers see the old content or the new one, never a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _model_dict(config: MoeConfig) -> dict:
+    return {**json.loads(config.to_json_string(use_diff=False)), "ep_size": 1}
+
+
 def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
-    """Collective: every rank writes its shards (ZeRO partitions, its experts) and its RNG state."""
+    """Collective: every rank writes its native shards, its share of the portable state and its RNG state."""
     tag = checkpoint_tag(step)
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step})
+    final, partial = checkpoint_dir / tag, checkpoint_dir / f"{tag}{INCOMPLETE}"
+    rank = dist.get_rank()
+    if final.exists():  # resolve_resume_dir refuses runs that could get here; never replace a good checkpoint
+        raise RuntimeError(f"{final} already exists; refusing to overwrite it.")
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoint_dir.glob(f"step_*{INCOMPLETE}"):  # left by a save that was killed
+            shutil.rmtree(stale)
+        partial.mkdir()
+    dist.barrier()
+
+    engine.save_checkpoint(str(checkpoint_dir), tag=partial.name, client_state={"step": step}, save_latest=False)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, checkpoint_dir / tag / f"rng_rank{dist.get_rank():05d}.pt")
+    torch.save(rng, partial / f"rng_rank{rank:05d}.pt")
+    unsupported = unsupported_reason(engine)
+    if unsupported is None:
+        tensors, optimizer = save_portable_state(engine, partial)
+    else:
+        log.warning("checkpoint %s holds no layout-independent state (%s): it resumes at this layout only", tag,
+                    unsupported)
+        tensors, optimizer = None, None
+    dist.barrier()  # every rank's files are written
+
+    if rank == 0:
+        files = {}
+        for path in sorted(partial.rglob("*")):
+            if path.is_file():
+                _fsync(path)
+                files[str(path.relative_to(partial))] = path.stat().st_size
+        scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+        manifest = {
+            "format": FORMAT,
+            "step": step,
+            "model": _model_dict(engine.module.config),
+            "layout": current_layout(engine),
+            "train_batch_size": engine.train_batch_size(),
+            "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                       "skipped_steps": engine.skipped_steps},
+            "scheduler": scheduler,
+            "optimizer": optimizer,
+            "tensors": tensors,
+            "files": files,
+        }
+        _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
+        os.rename(partial, final)  # the commit point: from here on the checkpoint exists
+        _fsync(checkpoint_dir)
+        _write_atomic(checkpoint_dir / "latest", tag)
     dist.barrier()
-    return checkpoint_dir / tag
+    return final
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a complete checkpoint, after checking every file it lists; ValueError says what is wrong."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{folder} is not a complete checkpoint: it has no {MANIFEST} (a save that did not finish, "
+                         "or a folder this recipe did not write).")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is unreadable ({err}); the checkpoint is damaged.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} manifest.")
+    problems = []
+    for name, size in manifest["files"].items():
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{name} has {file.stat().st_size} bytes, {size} when saved (truncated?)")
+    if problems:
+        more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
+        raise ValueError(f"checkpoint {folder} is damaged: {'; '.join(problems[:4])}{more}. Delete it to resume from "
+                         "an older checkpoint, or restore it from a copy.")
+    return manifest
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints (step_XXXXXXXX with a manifest), oldest first. Files are checked when one is read."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoint_dir.iterdir():
+        match = _TAG.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        if (path / MANIFEST).is_file():
+            found.append((int(match.group(1)), path))
+        else:
+            log.warning("ignoring %s: it has no %s, so this recipe did not finish writing it", path, MANIFEST)
+    return [path for _, path in sorted(found)]
 
 
 def resolve_resume_dir(resume: str, checkpoint_dir: Path) -> Path | None:
-    """`auto`: the run's own checkpoints if any; `none`: fresh start; anything else: a checkpoint folder."""
+    """The checkpoint folder to resume from, or None for a fresh start.
+
+    `auto`: the newest complete checkpoint in the run's own folder, if any; `none`: a fresh start; anything else: a
+    checkpoint folder (step_XXXXXXXX) or a checkpoints folder (its newest complete one). Refuses any choice that
+    would later overwrite a good checkpoint: a fresh start or an older resume point next to newer checkpoints.
+    """
+    stray = sorted(p.name for p in checkpoint_dir.glob("step_*") if _TAG.match(p.name) and not (p / MANIFEST).is_file())
+    if stray:
+        raise ValueError(f"{checkpoint_dir} holds {stray} without a {MANIFEST}, which this recipe never leaves (an "
+                         "older version's checkpoint, or an unfinished copy); this run would overwrite them. Move "
+                         "them out of that folder.")
+    existing = list_checkpoints(checkpoint_dir)
     if resume == "none":
+        if existing:
+            raise ValueError(f"trainer.resume=none, but {checkpoint_dir} already holds checkpoints (newest: "
+                             f"{existing[-1].name}); a fresh start there would overwrite them. Use a new "
+                             "trainer.run_dir, or trainer.resume=auto to continue.")
         return None
     if resume == "auto":
-        return checkpoint_dir if (checkpoint_dir / "latest").is_file() else None
-    path = Path(resume)
-    if not (path / "latest").is_file():
-        raise ValueError(f"trainer.resume={resume!r}: no 'latest' file there; point it at a checkpoints folder "
-                         "written by this recipe (run_dir/checkpoints) or use resume=auto / resume=none.")
+        if not existing:
+            return None
+        path = existing[-1]
+    else:
+        path = Path(resume).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"trainer.resume={resume!r}: no such folder. Point it at a checkpoint (step_XXXXXXXX) "
+                             "or a checkpoints folder written by this recipe, or use resume=auto / resume=none.")
+        if not (path / MANIFEST).is_file():
+            found = list_checkpoints(path)
+            if not found:
+                raise ValueError(f"trainer.resume={resume!r}: no complete checkpoint there (no step_XXXXXXXX folder "
+                                 f"with a {MANIFEST}). Point it at a checkpoint written by this recipe, or use "
+                                 "resume=auto / resume=none.")
+            path = found[-1]
+    step = read_manifest(path)["step"]
+    newer = [p.name for p in existing if int(_TAG.match(p.name).group(1)) > step]
+    if newer:
+        raise ValueError(f"trainer.resume={resume!r} resumes from step {step}, but {checkpoint_dir} holds newer "
+                         f"checkpoints {newer}: continuing would overwrite them and mix two runs. Use a new "
+                         "trainer.run_dir for this run.")
     return path
 
 
-def load_checkpoint(engine, resume_dir: Path) -> int:
-    """Restore model, optimizer, LR schedule and RNG; return the step to continue from (the data position)."""
-    load_path, client_state = engine.load_checkpoint(str(resume_dir))
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint to load in {resume_dir}.")
-    rng_file = Path(load_path) / f"rng_rank{dist.get_rank():05d}.pt"
-    if rng_file.is_file():
+def check_model_matches(manifest: dict, config: MoeConfig, folder: Path) -> None:
+    """Raise a ValueError naming every architecture field where the checkpoint and this run's model differ."""
+    saved = manifest["model"]
+    diffs = []
+    for key in ARCHITECTURE_KEYS:
+        there, here = saved.get(key, _DEFAULTS.get(key)), getattr(config, key, _DEFAULTS.get(key))
+        if there != here:
+            diffs.append(f"model.{key}={there!r} there, {here!r} here")
+    if diffs:
+        raise ValueError(f"checkpoint {folder} holds another model: {'; '.join(diffs)}. Resume with the model settings "
+                         "it was trained with, or use a new trainer.run_dir to train this model from scratch.")
+
+
+def _warn_changed_settings(manifest: dict, config: MoeConfig, folder: Path) -> None:
+    """Routing and loss settings may change between jobs; say which did."""
+    saved, current = manifest["model"], json.loads(config.to_json_string(use_diff=False))
+    changed = sorted(key for key in saved.keys() & current.keys() - _UNCOMPARED_KEYS if saved[key] != current[key])
+    if changed:
+        log.warning("resuming %s with changed model settings: %s", folder,
+                    ", ".join(f"{key} {saved[key]!r} -> {current[key]!r}" for key in changed))
+
+
+def check_resume(resume: str, checkpoint_dir: Path, config: MoeConfig) -> Path | None:
+    """What the entry point runs before any process group exists: resolve trainer.resume and check the checkpoint
+    (complete, undamaged, same model) so that a bad one stops every rank with one message."""
+    path = resolve_resume_dir(resume, checkpoint_dir)
+    if path is not None:
+        check_model_matches(read_manifest(path), config, path)
+    return path
+
+
+def _restore_rng(folder: Path, manifest: dict) -> None:
+    rng_file = folder / f"rng_rank{dist.get_rank():05d}.pt"
+    if manifest["layout"]["world_size"] == dist.get_world_size() and rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    step = int(client_state["step"])
-    log.info("resumed from %s at step %d", load_path, step)
-    return step
+    else:  # another world size: rank r's saved stream has no successor; draw a fresh one per (rank seed, step)
+        torch.manual_seed((torch.initial_seed() + 1_000_003 * manifest["step"]) % 2**63)
+
+
+def load_checkpoint(engine, folder: Path) -> int:
+    """Restore model, optimizer, LR schedule, engine counters and RNG; return the step to continue from.
+
+    At the layout the checkpoint was saved with this is DeepSpeed's own load; at any other (ep_size, world size,
+    ZeRO stage, offload, precision) it sets every parameter and its Adam moments from the portable state.
+    """
+    manifest = read_manifest(folder)
+    check_model_matches(manifest, engine.module.config, folder)
+    _warn_changed_settings(manifest, engine.module.config, folder)
+    saved, layout = manifest["layout"], current_layout(engine)
+    if manifest["tensors"] is not None:
+        check_tensors_match(engine.module, manifest["tensors"], f"checkpoint {folder}")
+    elif saved != layout:
+        raise ValueError(f"checkpoint {folder} was saved at {saved} and holds no layout-independent state; this run "
+                         f"is {layout}. Resume it at the layout it was saved with.")
+    if saved == layout:
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint to load in {folder}.")
+    else:
+        log.info("checkpoint %s was saved at %s; this run is %s: loading its layout-independent state",
+                 folder, saved, layout)
+        load_portable_state(engine, folder, manifest["tensors"], manifest["optimizer"])
+        scheduler = engine.lr_scheduler
+        if scheduler is not None and manifest["scheduler"] is not None:
+            scheduler.load_state_dict(manifest["scheduler"])
+            # A native load restores the optimizer's lr with its state; here the scheduler sets it again.
+            scheduler.step(scheduler.last_batch_iteration)
+        counters = manifest["engine"]
+        engine.global_steps = counters["global_steps"]
+        engine.global_samples = counters["global_samples"]
+        engine.skipped_steps = counters["skipped_steps"]
+        dist.barrier()
+    if manifest["train_batch_size"] != engine.train_batch_size():
+        # The data position is the step: global sample g = step * global batch + ... (data.train_micro_batch).
+        log.warning("the global batch changed from %d to %d sequences: this run reads its data from sample %d, not %d "
+                    "where the checkpointed run stopped", manifest["train_batch_size"], engine.train_batch_size(),
+                    manifest["step"] * engine.train_batch_size(), manifest["step"] * manifest["train_batch_size"])
+    _restore_rng(folder, manifest)
+    log.info("resumed from %s at step %d", folder, manifest["step"])
+    return int(manifest["step"])

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerFast
 
+from moe_recipe.checkpoint import check_resume
 from moe_recipe.config import RecipeConfig, recipe_config_from_dict, validate, world_size_from_env, max_steps
 from moe_recipe.data import load_tokenizer, prepare_splits
 
@@ -123,7 +124,8 @@ def hydra_main(hydra_cfg: DictConfig) -> None:
     try:
         cfg = recipe_config_from_dict(resolved)
         tokenizer = load_tokenizer(cfg.data)
-        validate(cfg, world_size_from_env(), tokenizer_vocab_size=len(tokenizer))
+        model_config = validate(cfg, world_size_from_env(), tokenizer_vocab_size=len(tokenizer))
+        check_resume(cfg.trainer.resume, Path(cfg.trainer.run_dir) / "checkpoints", model_config)
     except ValueError as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"Invalid configuration: {err}", file=sys.stderr)

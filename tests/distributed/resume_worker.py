@@ -1,0 +1,76 @@
+"""Run the recipe's Trainer for a list of jobs in one process group: each job builds its model and engine at its own
+layout (ep_size, ZeRO stage), optionally resumes from a checkpoint, trains, checkpoints and logs metrics.jsonl.
+
+Run under torchrun by test_resume_layouts.py and test_export.py. Jobs of one world size share a launch (the
+process start is most of the cost on CPU); state passes between jobs only through checkpoint files, as between
+real jobs. The global batch is 8 sequences of 2 per rank and micro step at every world size (grad_accum makes up the
+rest), so each micro batch holds the same sequences at every layout and the capacity limit drops the same tokens.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from moe_model import MoeForCausalLM
+from moe_recipe.config import (DataConfig, LoggingConfig, OptimConfig, ParallelConfig, RecipeConfig, TrainerConfig,
+                               ZeroConfig)
+from moe_recipe.data import PackedSplits
+from moe_recipe.engine import initialize_engine
+from moe_recipe.metrics import MetricsSink
+from moe_recipe.trainer import Trainer
+
+GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, STEPS = 8, 2, 16, 128, 6
+MODEL = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, num_experts=4, num_experts_per_tok=2,
+    capacity_factor=1.0, eval_capacity_factor=4.0, min_capacity=2, drop_tokens=True,
+    # RTS and the sampled second expert draw from each rank's RNG: not layout invariant, so they are off.
+    use_rts=False, top2_2nd_expert_sampling=False,
+    num_shared_experts=1, first_k_dense_replace=1, router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+)
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--jobs", required=True,
+                    help="JSON list of {run_dir, ep_size, zero_stage, and optionally offload, precision, resume, "
+                         "checkpoint_interval, model (overrides of MODEL), logits (a file to write)}")
+args = parser.parse_args()
+
+deepspeed.init_distributed()
+rank, world = dist.get_rank(), dist.get_world_size()
+blocks = torch.randint(0, VOCAB, (96, SEQ), generator=torch.Generator().manual_seed(1))
+splits = PackedSplits(train=blocks[:64], val=blocks[64:], num_train_documents=64, num_val_documents=32)
+
+for job in json.loads(args.jobs):
+    cfg = RecipeConfig(
+        model={**MODEL, **job.get("model", {})},
+        parallel=ParallelConfig(ep_size=job["ep_size"]),
+        zero=ZeroConfig(stage=job["zero_stage"], offload_optimizer=job.get("offload", False)),
+        optim=OptimConfig(lr=1e-2, warmup_steps=2),
+        data=DataConfig(seq_len=SEQ),
+        trainer=TrainerConfig(micro_batch_size=MICRO_BATCH, grad_accum=GLOBAL_BATCH // (MICRO_BATCH * world),
+                              max_steps=STEPS, precision=job.get("precision", "fp32"), eval_interval=100,
+                              eval_batches=1, checkpoint_interval=job.get("checkpoint_interval", 100), log_interval=1,
+                              run_dir=job["run_dir"], resume=job.get("resume", "auto")),
+        logging=LoggingConfig(),
+    )
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # As recipes/train.py: one seed for the weights on every rank, then one per rank.
+    torch.manual_seed(cfg.trainer.seed)
+    model_config = cfg.model_config()
+    engine = initialize_engine(MoeForCausalLM(model_config), cfg, world)
+    torch.manual_seed(cfg.trainer.seed + rank)
+    metrics = MetricsSink(run_dir, cfg.logging, "test", {}, enabled=rank == 0)
+    Trainer(engine, cfg, model_config, splits, run_dir, metrics, STEPS).fit()
+    metrics.close()
+    if "logits" in job:  # the trained model's own logits, at its layout, on the same input on every rank
+        engine.eval()
+        with torch.no_grad():
+            logits = engine(input_ids=splits.val[:2]).logits
+        if rank == 0:
+            torch.save({"input_ids": splits.val[:2], "logits": logits}, job["logits"])
+    dist.barrier()

@@ -1,0 +1,106 @@
+"""The export command turns a checkpoint trained at EP 2 into HF folders whose logits are the training model's.
+
+One run of recipes/train.py (2 ranks, EP 2, ZeRO-1) makes the checkpoint; the training model's own logits come
+from the recipe's engine at that layout with the checkpoint loaded (tests/distributed/resume_worker.py). The
+exports are then loaded here, in a process without DeepSpeed engine or process group.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import yaml
+from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+from moe_model import MoeConfig
+from moe_recipe.export import export, mixtral_blockers
+from tests.distributed.launch import REPO, run_command, torchrun
+
+from .test_train import overrides
+
+TRAIN = REPO / "recipes" / "train.py"
+WORKER = REPO / "tests" / "distributed" / "resume_worker.py"
+pytestmark = pytest.mark.e2e
+STEPS = 6  # overrides() trains 6 steps; resume_worker.py, loading a step-6 checkpoint, trains no further
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("export")
+    run_dir = root / "run"
+    # eval_capacity_factor = num_experts: no token is ever dropped at inference, as in Mixtral.
+    torchrun(TRAIN, 2, overrides(run_dir, "parallel.ep_size=2", "zero=stage1", "model.eval_capacity_factor=8.0"))
+    model = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    job = {"run_dir": str(root / "reload"), "ep_size": 2, "zero_stage": 1, "model": model,
+           "resume": str(run_dir / "checkpoints"), "logits": str(root / "logits.pt")}
+    torchrun(WORKER, 2, ["--jobs", json.dumps([job])])
+    return run_dir, torch.load(root / "logits.pt")
+
+
+def assert_pickle_free(folder: Path) -> None:
+    for file in folder.iterdir():
+        assert file.suffix in (".json", ".safetensors"), file
+        head = file.read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", f"{file} looks like a pickle / torch.save archive"
+
+
+def test_hf_export_loads_without_deepspeed_and_gives_the_training_logits(trained, tmp_path):
+    run_dir, reference = trained
+    out = tmp_path / "hf"
+    proc = run_command([sys.executable, "-m", "moe_recipe.export", str(run_dir), str(out)])
+    assert f"step_{STEPS:08d}" in proc.stdout
+    assert_pickle_free(out)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        f.name for f in out.iterdir()}
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "deepspeed_moe" and config["ep_size"] == 1 and config["num_experts"] == 8
+
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert not dist.is_initialized()
+    with torch.no_grad():
+        logits = model(input_ids=reference["input_ids"]).logits
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_mixtral_export_gives_the_training_logits(trained, tmp_path):
+    run_dir, reference = trained
+    out = tmp_path / "mixtral"
+    export(run_dir / "checkpoints" / f"step_{STEPS:08d}", out, fmt="mixtral")
+    assert_pickle_free(out)
+    model = MixtralForCausalLM.from_pretrained(out).eval()
+    assert model.config.num_local_experts == 8 and model.config.num_experts_per_tok == 2
+    with torch.no_grad():
+        logits = model(input_ids=reference["input_ids"]).logits
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-5, atol=1e-5)
+    # bf16 weights: half the size, same model up to bf16 rounding.
+    half = tmp_path / "mixtral-bf16"
+    export(run_dir, half, fmt="mixtral", dtype="bfloat16")
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (out / "model.safetensors").stat().st_size
+
+
+def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(trained, tmp_path):
+    run_dir, _ = trained
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    proc = run_command([sys.executable, "-m", "moe_recipe.export", str(run_dir), str(tmp_path / "taken")], check=False)
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="no complete checkpoint there"):
+        export(tmp_path / "nowhere", tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "overrides, blocker",
+    [
+        ({"num_shared_experts": 1}, "shared experts"),
+        ({"use_residual": True}, "residual MoE"),
+        ({"first_k_dense_replace": 1}, "dense layers"),
+        ({"num_experts_per_tok": 1}, "top-1 routing"),
+    ],
+)
+def test_mixtral_format_needs_mixtral_architecture(overrides, blocker):
+    assert mixtral_blockers(MoeConfig(num_experts=4)) == []
+    assert any(blocker in b for b in mixtral_blockers(MoeConfig(num_experts=4, **overrides)))
