@@ -29,3 +29,13 @@ requeue_if_preempted() {  # $1: srun's exit status
     fi
     exit "$1"
 }
+
+# Pre-flight check with moe-plan before the job spends GPU time: exit 1 (does not fit) and 2 (invalid config) stop
+# the job; 3 (valid, not modeled: the autoep backend) goes on. Skipped without GPUs (CPU test clusters) and with
+# MOE_SKIP_PLAN=1.
+preflight_plan() {  # $1: nodes, $2: GPUs per node, then the Hydra overrides
+    if [[ ${MOE_SKIP_PLAN:-0} == 1 ]] || ! command -v nvidia-smi >/dev/null; then return 0; fi
+    local nodes=$1 gpus=$2
+    shift 2
+    python -m moe_recipe.plan --nodes "$nodes" --gpus-per-node "$gpus" --gpu auto "$@" || [[ $? == 3 ]] || exit 1
+}

@@ -18,6 +18,7 @@ from .config import RecipeConfig, global_batch_size
 from .data import PackedSplits, eval_micro_batches, train_micro_batch
 from .engine import flops_per_token, guess_peak_flops
 from .metrics import MetricsSink
+from .routing_report import RoutingReport, router_demand, shares
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,13 @@ class StepStats:
     losses: torch.Tensor  # [4]: loss, lm_loss, aux_loss, z_loss
     tokens_per_expert: torch.Tensor  # [L, E]
     dropped_fraction: torch.Tensor  # [L]
+    router_demand: torch.Tensor  # [L, E]: the router's top-k choices, before the capacity limit
 
     def __iadd__(self, other: "StepStats") -> "StepStats":
         self.losses += other.losses
         self.tokens_per_expert += other.tokens_per_expert
         self.dropped_fraction += other.dropped_fraction
+        self.router_demand += other.router_demand
         return self
 
 
@@ -73,6 +76,8 @@ class Trainer:
         self.peak_flops = self.t.peak_flops_per_device or guess_peak_flops()
         self.preemption = PreemptionSignal()
         self.preempted = False
+        self.routing = RoutingReport(run_dir / "routing", self.t.heatmap_interval, model_config.num_experts_per_tok,
+                                     list(range(len(model_config.moe_layer_indices))))
 
     def fit(self) -> None:
         resume_dir = resolve_resume_dir(self.t.resume, self.checkpoint_dir)
@@ -97,6 +102,8 @@ class Trainer:
             if done % self.t.log_interval == 0 or done == self.total_steps:
                 metrics = self.reduce(window, window_steps, time.perf_counter() - window_start)
                 self.metrics.log(metrics, step=done)
+                if self.rank == 0 and self.routing.due(done, last_step=done == self.total_steps):
+                    self.routing.write(done, self.metrics.wandb_run)
                 progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
                 window, window_start, window_steps = None, time.perf_counter(), 0
             if done % self.t.eval_interval == 0 or done == self.total_steps:
@@ -129,6 +136,7 @@ class Trainer:
                 losses=torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float(),
                 tokens_per_expert=out.tokens_per_expert.detach().float(),
                 dropped_fraction=out.dropped_fraction.detach().float(),
+                router_demand=router_demand(out.router_logits, self.routing.top_k),
             )
             stats = micro if stats is None else stats.__iadd__(micro)
         return stats
@@ -141,6 +149,8 @@ class Trainer:
         losses /= self.world_size
         tokens_per_expert = window.tokens_per_expert.clone()
         dist.all_reduce(tokens_per_expert)
+        demand = window.router_demand.clone()
+        dist.all_reduce(demand)
         dropped = window.dropped_fraction / micro_steps
         dist.all_reduce(dropped)
         dropped /= self.world_size
@@ -161,11 +171,14 @@ class Trainer:
         if self.peak_flops:
             metrics["perf/mfu"] = achieved_flops / self.peak_flops
         share = tokens_per_expert / tokens_per_expert.sum(dim=1, keepdim=True).clamp(min=1)
+        demand_share = shares(demand).tolist()
         for layer, (layer_share, layer_dropped) in enumerate(zip(share.tolist(), dropped.tolist())):
             metrics[f"routing/layer_{layer}/dropped_fraction"] = layer_dropped
             metrics[f"routing/layer_{layer}/max_load"] = max(layer_share) * len(layer_share)
+            metrics[f"routing/layer_{layer}/max_demand"] = max(demand_share[layer]) * len(layer_share)
             for expert, value in enumerate(layer_share):
                 metrics[f"routing/layer_{layer}/expert_{expert}"] = value
+        self.routing.observe(tokens_per_expert, demand, dropped)
         return metrics
 
     @torch.no_grad()

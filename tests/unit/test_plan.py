@@ -1,0 +1,217 @@
+"""The planner's pure parts: activation bytes against what autograd really saves, capacity and ZeRO partitioning
+against DeepSpeed's own functions, and the command's verdicts and fixes.
+
+The engine-level checks (parameter, optimizer-state and all-to-all bytes on several ranks) are in
+tests/distributed/test_plan_vs_engine.py; the GPU peak-memory check is marked `gpu` there.
+"""
+
+import json
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+from deepspeed.moe.sharded_moe import _capacity
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+from moe_model import MoeForCausalLM
+from moe_recipe.plan import (
+    DTYPE_BYTES,
+    EXIT_DOES_NOT_FIT,
+    EXIT_FITS,
+    EXIT_INVALID,
+    EXIT_NOT_MODELED,
+    ClusterSpec,
+    OptimizerGroup,
+    activation_memory,
+    build_plan,
+    compose_recipe_config,
+    expert_capacity,
+    main,
+    optimizer_groups,
+    zero2_grad_numel,
+    zero_flat_numel,
+)
+
+
+def saved_tensor_bytes(model, input_ids) -> int:
+    """Bytes of the distinct storages autograd holds for backward after one forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    packed = []
+
+    def pack(t):
+        packed.append(weakref.ref(t))  # a node dropped during the forward frees what it saved: count only the living
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=input_ids, labels=input_ids)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (r() for r in packed)
+                if t is not None}
+    del out
+    return sum(nbytes for ptr, nbytes in storages.items() if ptr not in params)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"num_shared_experts": 1, "first_k_dense_replace": 1, "num_hidden_layers": 3},
+    {"num_experts_per_tok": 1, "capacity_factor": 1.0, "min_capacity": 50},  # top-1; min_capacity sets C
+    {"num_experts_per_tok": 3, "num_experts": 6},  # the top-k gate
+])
+def test_activation_bytes_equal_what_autograd_saves(tiny_config, precision, checkpointing, overrides):
+    B, S = 3, 20
+    config = tiny_config(**{"capacity_factor": 1.25, **overrides})
+    torch.manual_seed(0)
+    model = MoeForCausalLM(config).to(torch.float32 if precision == "fp32" else torch.bfloat16).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_ids = torch.randint(0, config.vocab_size, (B, S))
+    planned = activation_memory(config, B, S, precision)
+    expected = planned.saved_checkpointed if checkpointing else planned.saved
+    # Within a few scalars (losses, counts) the plan leaves out.
+    assert saved_tensor_bytes(model, input_ids) == pytest.approx(expected, abs=64)
+
+
+def test_capacity_is_deepspeeds(tiny_config):
+    for tokens in (1, 7, 60, 128, 1000, 4096):
+        for factor in (0.1, 1.0, 1.1, 1.25, 2.0):
+            for k, experts, min_capacity in ((1, 4, 4), (2, 8, 4), (4, 16, 0), (2, 64, 8)):
+                config = tiny_config(num_experts=experts, num_experts_per_tok=k, capacity_factor=factor,
+                                     min_capacity=min_capacity)
+                gates = torch.empty(tokens, experts)
+                # The model caps min_capacity at the token count before DeepSpeed's gate sees it.
+                expected = int(_capacity(gates, torch.tensor(factor * k), torch.tensor(min(min_capacity, tokens))))
+                assert expert_capacity(config, tokens) == expected, (tokens, factor, k, experts)
+    assert expert_capacity(tiny_config(drop_tokens=False), 100) == 100  # dropless: the busiest expert, at most T
+
+
+def test_zero_partitions_are_deepspeeds():
+    numels = (1000, 7, 4096, 333, 1, 64 * 64)
+    group = OptimizerGroup(numels, is_expert=False)
+    tensors = [torch.empty(n, device="meta") for n in numels]
+    for dp in (1, 2, 3, 4, 8):
+        flat = zero_flat_numel(group.numel, dp)
+        assert flat % (2 * dp) == 0 and 0 <= flat - group.numel < 2 * dp
+        size = flat // dp
+        for partition_id in range(dp):
+            # DeepSpeed's own bookkeeping: which parameters' gradients a ZeRO-2 rank keeps.
+            in_partition, _, _ = DeepSpeedZeroOptimizer.get_partition_info(None, tensors, size, partition_id)
+            assert zero2_grad_numel(group, dp, partition_id) == sum(t.numel() for t in in_partition)
+
+
+def test_optimizer_groups_come_from_the_recipes_param_groups():
+    cfg, _ = compose_recipe_config(["parallel.ep_size=2"])
+    groups = optimizer_groups(cfg.model_config(), cfg.optim.weight_decay)
+    torch.manual_seed(0)
+    full = MoeForCausalLM(compose_recipe_config([])[0].model_config())  # ep_size=1: every expert
+    dense = sum(p.numel() for n, p in full.named_parameters() if "deepspeed_experts" not in n)
+    expert = sum(p.numel() for n, p in full.named_parameters() if "deepspeed_experts" in n)
+    assert sum(g.numel for g in groups if not g.is_expert) == dense
+    assert sum(g.numel for g in groups if g.is_expert) == expert // 2  # half the experts per rank at ep_size=2
+
+
+def test_known_model_sizes():
+    cfg, _ = compose_recipe_config(["model=mixtral_8x7b", "parallel.ep_size=8", "zero=stage2", "data.seq_len=4096",
+                                    "trainer.micro_batch_size=1", "trainer.activation_checkpointing=true"])
+    plan = build_plan(cfg, ClusterSpec.from_preset("h100", nodes=4))
+    assert 46e9 < plan.total_params < 47.5e9  # Mixtral-8x7B: 46.7B
+    assert plan.memory.num_params.expert * 8 == plan.expert_params_total
+    b = DTYPE_BYTES["bf16"]
+    # ZeRO-2: bf16 parameters whole, fp32 master and Adam states split over DP (dense: 32 ranks, experts: 4).
+    assert plan.memory.params.total == pytest.approx(b * plan.memory.num_params.total, rel=1e-6)
+    assert plan.memory.optimizer_states.dense == pytest.approx(8 * plan.memory.num_params.dense / 32, rel=1e-4)
+    assert plan.memory.optimizer_states.expert == pytest.approx(8 * plan.memory.num_params.expert / 4, rel=1e-4)
+    # The EP formula: E x C x D x b per call, C = 4096 / 8 * 1.25 * 2 = 1280 slots per expert.
+    assert plan.comm.capacity == 1280
+    assert plan.comm.all_to_all_buffer == 8 * 1280 * 4096 * b
+    assert plan.comm.all_to_all_total == 32 * 6 * plan.comm.all_to_all_buffer  # 32 MoE layers, 6 calls with recompute
+    assert plan.fits
+
+
+def test_checkpointing_trades_memory_for_all_to_all():
+    cfg_off, _ = compose_recipe_config(["model=small", "parallel.ep_size=8", "data.seq_len=1024"])
+    cfg_on, _ = compose_recipe_config(["model=small", "parallel.ep_size=8", "data.seq_len=1024",
+                                       "trainer.activation_checkpointing=true"])
+    cluster = ClusterSpec.from_preset("h100")
+    off, on = build_plan(cfg_off, cluster), build_plan(cfg_on, cluster)
+    assert on.activations.saved_checkpointed < off.activations.saved / 3
+    assert on.peak_bytes < off.peak_bytes and on.peak_bytes == off.peak_bytes_other
+    assert on.comm.all_to_all_total == off.comm.all_to_all_total * 6 // 4
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_command_reports_a_fitting_layout(capsys):
+    code, out, _ = run_main(capsys, "+experiment=small_ep8", "--gpus-per-node", "8", "--gpu", "h100")
+    assert code == EXIT_FITS
+    for text in ("Memory per GPU", "optimizer states", "expert buffers", "all-to-all per MoE layer",
+                 "gradient reduction", "tokens/s", "fits"):
+        assert text in out, text
+
+
+def test_command_json(capsys):
+    code, out, _ = run_main(capsys, "model=small", "parallel.ep_size=4", "zero=stage1", "--gpus-per-node", "4",
+                            "--gpu", "a100-80gb", "--json")
+    plan = json.loads(out)
+    assert code == EXIT_FITS and plan["valid"] and plan["fits"]
+    assert plan["world_size"] == 4 and plan["ep_size"] == 4 and plan["zero_stage"] == 1
+    assert plan["memory"]["params"]["expert"] > 0 and plan["comm"]["all_to_all_total"] > 0
+    assert plan["cluster"]["memory_gib"] == 80.0
+
+
+def test_json_is_alone_on_stdout():
+    """DeepSpeed logs to stdout when first imported (e.g. on a host without a GPU): the command keeps it off."""
+    proc = subprocess.run([sys.executable, "-m", "moe_recipe.plan", "model=small", "--json"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == EXIT_FITS, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["fits"]
+
+
+def test_layout_that_does_not_fit_exits_1_with_fixes_that_fit(capsys):
+    overrides = ["model=mixtral_8x7b", "parallel.ep_size=8", "data.seq_len=4096", "trainer.micro_batch_size=1"]
+    code, out, _ = run_main(capsys, *overrides, "--nodes", "4", "--json")
+    plan = json.loads(out)
+    assert code == EXIT_DOES_NOT_FIT and not plan["fits"] and plan["fixes"]
+    for fix in plan["fixes"]:  # every suggested fix, applied as the user would, fits
+        cfg, _ = compose_recipe_config(overrides + fix)
+        assert build_plan(cfg, ClusterSpec.from_preset("h100", nodes=4)).fits, fix
+    code, out, _ = run_main(capsys, *overrides, "--nodes", "4")
+    assert "DOES NOT FIT" in out and "Fix: add one of these overrides" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["parallel.ep_size=3", "--gpus-per-node", "3"], "num_experts=8 is not divisible by ep_size=3"),
+    (["parallel.ep_size=4", "--gpus-per-node", "2"], "does not divide the world size 2"),
+    (["zero.stage=3"], "zero.stage=3 is not supported"),
+    (["--gpu", "tpu"], "--gpu 'tpu' is not a preset"),
+])
+def test_invalid_layouts_exit_2_with_the_fix(capsys, args, message):
+    code, _, err = run_main(capsys, *args)
+    assert code == EXIT_INVALID and message in err and "Invalid configuration" in err
+
+
+def test_autoep_is_not_modeled(capsys):
+    code, _, err = run_main(capsys, "model.moe_backend=autoep", "model.drop_tokens=false", "parallel.ep_size=2")
+    assert code == EXIT_NOT_MODELED and "not modeled" in err
+
+
+def test_ep_group_across_nodes_is_flagged():
+    cfg, _ = compose_recipe_config(["model=olmoe_1b_7b", "parallel.ep_size=16", "zero=stage2",
+                                    "trainer.activation_checkpointing=true"])
+    plan = build_plan(cfg, ClusterSpec.from_preset("h100", nodes=2, gpus_per_node=8))
+    assert plan.comm.ep_peers_other_nodes == 8 and plan.comm.ep_peers_same_node == 7
+    assert any("network speed" in w for w in plan.warnings)
+
+
+def test_gpu_auto_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        assert ClusterSpec.from_preset("auto").memory_gib > 10
+    else:
+        code, _, err = run_main(capsys, "--gpu", "auto")
+        assert code == EXIT_INVALID and "no GPU visible here" in err
