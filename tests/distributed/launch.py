@@ -1,5 +1,6 @@
-"""One helper for multi-process tests: a free port, torchrun, a timeout, and the output on failure."""
+"""One helper for multi-process tests: a free port, torchrun, a timeout, the output on failure, the logged metrics."""
 
+import json
 import os
 import socket
 import subprocess
@@ -35,3 +36,13 @@ def torchrun(script: Path, nprocs: int, args: list[str], timeout: int = 600, che
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nprocs}",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args]
     return run_command(cmd, timeout=timeout, check=check)
+
+
+def train_rows(run_dir: Path) -> dict[int, dict]:
+    """The last training row logged for each step in run_dir/metrics.jsonl (a resumed run appends to the file)."""
+    rows = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            rows[row["step"]] = row
+    return rows

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .launch import torchrun
+from .launch import torchrun, train_rows
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 pytestmark = pytest.mark.distributed
@@ -87,15 +87,6 @@ def runs(tmp_path_factory) -> Path:
     torchrun(WORKER, 4, ["--jobs", json.dumps(jobs[4]["save"] + jobs[4]["resume"])], timeout=900)
     torchrun(WORKER, 1, ["--jobs", json.dumps(jobs[1]["save"] + jobs[1]["resume"])], timeout=900)
     return root
-
-
-def train_rows(run_dir: Path) -> dict[int, dict]:
-    rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            rows[row["step"]] = row
-    return rows
 
 
 def portable_tensors(folder: Path) -> dict[str, torch.Tensor]:

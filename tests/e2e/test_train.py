@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.launch import REPO, free_port, run_command, torchrun
+from tests.distributed.launch import REPO, free_port, run_command, torchrun, train_rows
 
 from .wandb_records import history_and_config
 
@@ -35,16 +35,6 @@ def deepspeed_launch(num_procs: int, args: list[str], check: bool = True):
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     return run_command([launcher, "--num_gpus", str(num_procs), "--master_port", str(free_port()), str(TRAIN), *args],
                        check=check)
-
-
-def train_rows(run_dir: Path) -> dict[int, dict]:
-    """The last row logged for each step (a resumed run appends to the same file)."""
-    rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            rows[row["step"]] = row
-    return rows
 
 
 def assert_trained(run_dir: Path, steps: int, num_experts: int = 8, moe_layers: int = 2) -> dict[int, dict]:

@@ -6,7 +6,7 @@ import torch
 
 import moe_model  # noqa: F401  (registers the Auto classes)
 import moe_model.modeling_moe as modeling_moe
-from moe_model import MoeConfig, MoeForCausalLM
+from moe_model import MoeForCausalLM
 from moe_model.modeling_moe import MoeMLP, MoeSparseBlock
 from transformers import AutoModelForCausalLM
 
