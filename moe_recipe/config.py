@@ -3,12 +3,16 @@
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from moe_model import MoeConfig
 
 from .data import DataConfig
 
+# The Hydra config groups. An absolute path: `python recipes/train.py`, the installed `moe-train` and `moe-plan`
+# all compose the same conf/.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_MODES = ("disabled", "offline", "online")
 

@@ -33,7 +33,6 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 from unittest import mock
 
@@ -48,7 +47,6 @@ if TYPE_CHECKING:
 # stdout when first imported, and `--json` must leave nothing but the JSON document there (see `main`).
 
 GiB = 2**30
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the conf/ recipes/train.py composes
 FP32 = 4
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # DeepSpeed ZeRO 1/2 pads each flattened optimizer group to a multiple of 2 x its data-parallel size
@@ -152,7 +150,7 @@ def compose_recipe_config(overrides: list[str]) -> tuple[RecipeConfig, dict]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from .config import recipe_config_from_dict
+    from .config import CONF_DIR, recipe_config_from_dict
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         hydra_cfg = compose(config_name="config", overrides=list(overrides))

@@ -170,7 +170,7 @@ class Trainer:
             metrics["train/grad_norm"] = float(grad_norm)
         if self.peak_flops:
             metrics["perf/mfu"] = achieved_flops / self.peak_flops
-        share = tokens_per_expert / tokens_per_expert.sum(dim=1, keepdim=True).clamp(min=1)
+        share = shares(tokens_per_expert)
         demand_share = shares(demand).tolist()
         for layer, (layer_share, layer_dropped) in enumerate(zip(share.tolist(), dropped.tolist())):
             metrics[f"routing/layer_{layer}/dropped_fraction"] = layer_dropped

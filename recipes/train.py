@@ -21,7 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerFast
 
 from moe_recipe.checkpoint import check_resume
-from moe_recipe.config import RecipeConfig, recipe_config_from_dict, validate, world_size_from_env, max_steps
+from moe_recipe.config import (
+    CONF_DIR,
+    RecipeConfig,
+    max_steps,
+    recipe_config_from_dict,
+    validate,
+    world_size_from_env,
+)
 from moe_recipe.data import load_tokenizer, prepare_splits
 
 log = logging.getLogger("moe_recipe")
@@ -113,11 +120,7 @@ def train(cfg: RecipeConfig, resolved: dict, tokenizer: PreTrainedTokenizerFast)
         sys.exit(int(os.environ.get("MOE_PREEMPT_EXIT_CODE", "0")))
 
 
-# An absolute path, so `python recipes/train.py` and the installed `moe-train` command find the same conf/.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(hydra_cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(hydra_cfg, resolve=True)
     # Every check runs before any process group exists: a bad config stops all ranks with one message.

@@ -1,27 +1,20 @@
 """Every config in conf/ composes and validates; the DeepSpeed config and optimizer groups derive from it."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from moe_model import MoeForCausalLM
-from moe_recipe.config import recipe_config_from_dict, validate
+from moe_recipe.config import CONF_DIR, validate
 from moe_recipe.engine import active_params_per_token, build_deepspeed_config, build_param_groups
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from moe_recipe.plan import compose_recipe_config
 
 
 def compose_recipe(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return recipe_config_from_dict(OmegaConf.to_container(cfg, resolve=True))
+    return compose_recipe_config(list(overrides))[0]
 
 
 def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("model", group_options("model"))
