@@ -118,14 +118,3 @@ def flops_per_token(config: MoeConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x active params plus attention scores (PaLM's appendix B)."""
     attn_scores = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
     return 6 * active_params_per_token(config) + attn_scores
-
-
-# Dense bf16 peak (no sparsity) per device, for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
-
-def guess_peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)

@@ -16,8 +16,9 @@ from moe_model import MoeConfig
 from .checkpoint import load_checkpoint, resolve_resume_dir, save_checkpoint
 from .config import RecipeConfig, global_batch_size
 from .data import PackedSplits, eval_micro_batches, train_micro_batch
-from .engine import flops_per_token, guess_peak_flops
+from .engine import flops_per_token
 from .metrics import MetricsSink
+from .plan.hardware import guess_peak_flops
 from .routing_report import RoutingReport, router_demand, shares
 
 log = logging.getLogger(__name__)

@@ -146,15 +146,15 @@ for case in args.case:
     measured = measure(engine, grads)
     measured["all_to_all"] = dict(a2a)  # the last step's
     measured["peak"] = peak
-    plan = build_plan(cfg, ClusterSpec.from_preset(nodes=1, gpus_per_node=world), with_fixes=False)
+    plan = build_plan(cfg, ClusterSpec.from_preset(nodes=1, gpus_per_node=world))
     planned = {
         key: {"dense": getattr(plan.memory, key).dense, "expert": getattr(plan.memory, key).expert}
         for key in ("params", "master_weights", "optimizer_states", "grads")
     }
     # ZeRO-2's gradients differ between ranks; the plan shows the largest, this rank's is asked for here.
     z = cfg.zero
-    this_rank = state_memory(optimizer_groups(cfg.model_config(), cfg.optim.weight_decay), z.stage,
-                             planned_precision(cfg), world, cfg.parallel.ep_size, rank=rank)
+    groups = optimizer_groups(cfg.model_config(), cfg.parallel.ep_size, cfg.optim.weight_decay)
+    this_rank = state_memory(groups, z.stage, planned_precision(cfg), world, cfg.parallel.ep_size, rank=rank)
     planned["grads"] = {"dense": this_rank.grads.dense, "expert": this_rank.grads.expert}
     planned["grads_largest_rank"] = plan.memory.grads.total
     planned["peak"] = plan.peak_bytes

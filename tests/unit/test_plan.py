@@ -1,11 +1,13 @@
 """The planner's pure parts: activation bytes against what autograd really saves, capacity and ZeRO partitioning
-against DeepSpeed's own functions, and the command's verdicts and fixes.
+against DeepSpeed's own functions, active parameters against the real model, and the command's verdicts, exit codes,
+units and fixes.
 
 The engine-level checks (parameter, optimizer-state and all-to-all bytes on several ranks) are in
 tests/distributed/test_plan_vs_engine.py; the GPU peak-memory check is marked `gpu` there.
 """
 
 import json
+import re
 import subprocess
 import sys
 import weakref
@@ -22,12 +24,15 @@ from moe_recipe.plan import (
     EXIT_FITS,
     EXIT_INVALID,
     EXIT_NOT_MODELED,
+    EXIT_USAGE,
     ClusterSpec,
     OptimizerGroup,
     activation_memory,
     build_plan,
     compose_recipe_config,
     expert_capacity,
+    format_bytes,
+    format_count,
     main,
     optimizer_groups,
     zero2_grad_numel,
@@ -103,7 +108,7 @@ def test_zero_partitions_are_deepspeeds():
 
 def test_optimizer_groups_come_from_the_recipes_param_groups():
     cfg, _ = compose_recipe_config(["parallel.ep_size=2"])
-    groups = optimizer_groups(cfg.model_config(), cfg.optim.weight_decay)
+    groups = optimizer_groups(cfg.model_config(), cfg.parallel.ep_size, cfg.optim.weight_decay)
     torch.manual_seed(0)
     full = MoeForCausalLM(compose_recipe_config([])[0].model_config())  # ep_size=1: every expert
     dense = sum(p.numel() for n, p in full.named_parameters() if "deepspeed_experts" not in n)
@@ -182,7 +187,7 @@ def test_layout_that_does_not_fit_exits_1_with_fixes_that_fit(capsys):
         cfg, _ = compose_recipe_config(overrides + fix)
         assert build_plan(cfg, ClusterSpec.from_preset("h100", nodes=4)).fits, fix
     code, out, _ = run_main(capsys, *overrides, "--nodes", "4")
-    assert "DOES NOT FIT" in out and "Fix: add one of these overrides" in out
+    assert "DOES NOT FIT" in out and "Fixes, one per line" in out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -190,6 +195,8 @@ def test_layout_that_does_not_fit_exits_1_with_fixes_that_fit(capsys):
     (["parallel.ep_size=4", "--gpus-per-node", "2"], "does not divide the world size 2"),
     (["zero.stage=3"], "zero.stage=3 is not supported"),
     (["--gpu", "tpu"], "--gpu 'tpu' is not a preset"),
+    (["model=nope"], "Could not find 'model/nope'"),  # Hydra's errors are invalid configurations too
+    (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
 ])
 def test_invalid_layouts_exit_2_with_the_fix(capsys, args, message):
     code, _, err = run_main(capsys, *args)
@@ -215,3 +222,81 @@ def test_gpu_auto_needs_a_gpu(capsys):
     else:
         code, _, err = run_main(capsys, "--gpu", "auto")
         assert code == EXIT_INVALID and "no GPU visible here" in err
+
+
+def test_overrides_work_anywhere_on_the_command_line(capsys):
+    first = run_main(capsys, "model=tiny", "parallel.ep_size=2", "zero=stage1", "--gpu", "a100-80gb", "--json")
+    mixed = run_main(capsys, "model=tiny", "--gpu", "a100-80gb", "parallel.ep_size=2", "--json", "zero=stage1")
+    assert first[0] == mixed[0] == EXIT_FITS
+    plan = json.loads(mixed[1])
+    assert plan["ep_size"] == 2 and plan["zero_stage"] == 1 and plan["cluster"]["gpu"] == "a100-80gb"
+    assert plan == json.loads(first[1])
+
+
+@pytest.mark.parametrize("args", [["--no-such-option"], ["--nodes", "two"], ["--gpu"]])
+def test_usage_errors_exit_64(args):
+    """Not 2, which says "invalid configuration" (argparse's own code); run as a user runs it."""
+    proc = subprocess.run([sys.executable, "-m", "moe_recipe.plan", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == EXIT_USAGE, proc.stderr[-2000:]
+    assert "moe-plan: error:" in proc.stderr and proc.stdout == ""
+
+
+def test_help_documents_every_exit_status(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    documented = {int(code) for code in re.findall(r"^\s+(\d+)\s+\S", capsys.readouterr().out.split("exit status:")[1],
+                                                   flags=re.MULTILINE)}
+    assert documented == {EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_INVALID, EXIT_NOT_MODELED, EXIT_USAGE}
+
+
+def test_human_units():
+    assert [format_count(n) for n in (512, 943_104, 1_610_612_736, 46_702_792_704)] == ["512", "943K", "1.61B",
+                                                                                         "46.7B"]
+    assert [format_bytes(n) for n in (512, 1536, 3 * 2**30)] == ["512 B", "1.50 KiB", "3.00 GiB"]
+
+
+def test_tiny_model_report_in_readable_units(capsys):
+    code, out, _ = run_main(capsys, "model=tiny", "--json")
+    plan = json.loads(out)
+    code, out, _ = run_main(capsys, "model=tiny")
+    assert code == EXIT_FITS
+    params_line = next(line for line in out.splitlines() if line.startswith("Parameters:"))
+    assert params_line.startswith(f"Parameters: {format_count(plan['total_params'])} total, ")
+    assert f"{format_count(plan['expert_params_total'])} in experts" in params_line
+    # Every figure is at least 1 of its unit: no "0.000 B in experts", no "0.00 GiB".
+    figures = re.findall(r"(\d+(?:\.\d+)?) ?(KiB|MiB|GiB|TiB|[KMBT]\b)", out)
+    assert figures and all(float(value) >= 1 for value, _ in figures), figures
+
+
+def test_active_params_per_token_are_what_a_token_passes_through(capsys):
+    overrides = ["model=tiny", "model.num_shared_experts=1", "model.first_k_dense_replace=1",
+                 "model.num_hidden_layers=3"]
+    code, out, _ = run_main(capsys, *overrides, "--json")
+    planned = json.loads(out)["active_params_per_token"]
+    # Counted on the real model: every weight a token's matmuls use; of the routed experts, k of E.
+    config = compose_recipe_config(overrides)[0].model_config()
+    expected = 0.0
+    for name, p in MoeForCausalLM(config).named_parameters():
+        if "embed_tokens" in name or "norm" in name:  # a lookup and elementwise scales, no matmul
+            continue
+        share = config.num_experts_per_tok / config.num_experts if "deepspeed_experts" in name else 1
+        expected += p.numel() * share
+    assert planned == expected
+    code, out, _ = run_main(capsys, *overrides)
+    assert f"{format_count(expected)} active per token" in out
+
+
+def test_fixes_are_listed_one_per_line(capsys):
+    # 0.05 GiB: the tiny model's 46.5 MiB peak misses 46.1 MiB usable; several single changes fix it.
+    args = ["model=tiny", "--gpu-memory-gib", "0.05"]
+    code, out, _ = run_main(capsys, *args, "--json")
+    fixes = json.loads(out)["fixes"]
+    assert code == EXIT_DOES_NOT_FIT and len(fixes) > 1
+    code, out, _ = run_main(capsys, *args)
+    listed = out.split("Fixes, one per line")[1].splitlines()[1:]
+    assert listed == [f"  {' '.join(fix)}" for fix in fixes]
+    for fix in fixes:
+        assert run_main(capsys, *args, *fix)[0] == EXIT_FITS, fix
+
