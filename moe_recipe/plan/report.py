@@ -53,7 +53,7 @@ def format_plan(p: Plan, fixes: list[list[str]] = ()) -> str:
         f"{p.seq_len} tokens, grad_accum {p.grad_accum}, global batch {p.global_batch_size} sequences",
         f"Parameters: {format_count(p.total_params)} total, {format_count(m.num_params.dense)} dense (on every GPU), "
         f"{format_count(p.expert_params_total)} in experts ({format_count(m.num_params.expert)} per GPU); "
-        f"{format_count(p.active_params_per_token)} active per token (embeddings excluded)",
+        f"{format_count(p.active_params_per_token)} active per token (embeddings and norms excluded)",
         "",
         f"Memory per GPU{'':<32}{'dense':>12}{'expert':>12}{'total':>12}",
     ]
