@@ -16,9 +16,11 @@ class MoeConfig(PretrainedConfig):
     Routing options map one to one onto DeepSpeed's MoE arguments:
     `num_experts`, `num_experts_per_tok` (k), `capacity_factor`, `eval_capacity_factor`, `min_capacity`,
     `drop_tokens`, `noisy_gate_policy` (None, "Jitter", "RSample"), `use_rts`, `top2_2nd_expert_sampling`,
-    `use_residual` (PR-MoE). `ep_size` is the expert-parallel size the model is built for: each rank holds
-    `num_experts // ep_size` experts. It is a runtime setting, not part of the architecture; exported checkpoints
-    carry `ep_size=1`.
+    `use_residual` (PR-MoE).
+
+    The parallel layout is not part of the config: the model is built for it (`MoeForCausalLM(config, ep_size=...,
+    ep_rank=...)`), so a saved config never says how many ranks trained it. Configs saved by earlier versions carry
+    an `ep_size` key; it is dropped on load.
 
     Layer `i` is an MoE layer when `i >= first_k_dense_replace` and `i % moe_layer_freq == 0` (DeepSeek's rule);
     the others use a dense SwiGLU of `intermediate_size`.
@@ -52,7 +54,6 @@ class MoeConfig(PretrainedConfig):
         use_cache: bool = True,
         num_experts: int = 8,
         num_experts_per_tok: int = 2,
-        ep_size: int = 1,
         capacity_factor: float = 1.0,
         eval_capacity_factor: float = 1.0,
         min_capacity: int = 4,
@@ -87,7 +88,6 @@ class MoeConfig(PretrainedConfig):
         self.use_cache = use_cache
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
-        self.ep_size = ep_size
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = min_capacity
@@ -102,6 +102,7 @@ class MoeConfig(PretrainedConfig):
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
         self.moe_backend = moe_backend
+        kwargs.pop("ep_size", None)  # the layout, stored by configs saved before it moved out of the config
         self.validate()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -119,7 +120,7 @@ class MoeConfig(PretrainedConfig):
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-                     "num_experts", "num_experts_per_tok", "ep_size", "moe_layer_freq"):
+                     "num_experts", "num_experts_per_tok", "moe_layer_freq"):
             if getattr(self, name) < 1:
                 fail(f"{name}={getattr(self, name)} must be >= 1.")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -130,9 +131,6 @@ class MoeConfig(PretrainedConfig):
         if self.num_experts_per_tok > self.num_experts:
             fail(f"num_experts_per_tok={self.num_experts_per_tok} (top-k) exceeds num_experts={self.num_experts}; "
                  "lower num_experts_per_tok or add experts.")
-        if self.num_experts % self.ep_size:
-            fail(f"num_experts={self.num_experts} is not divisible by ep_size={self.ep_size}; choose an ep_size "
-                 f"that divides num_experts (e.g. {[d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]}).")
         if self.noisy_gate_policy not in NOISY_GATE_POLICIES:
             fail(f"noisy_gate_policy={self.noisy_gate_policy!r} must be one of None, 'Jitter', 'RSample'.")
         if self.noisy_gate_policy is not None and self.num_experts_per_tok != 1:
@@ -165,6 +163,13 @@ class MoeConfig(PretrainedConfig):
                 warnings.warn(f"MoeConfig: moe_backend='autoep' is dropless top-k routing, so {ignored} (and the "
                               "capacity settings) have no effect; set them to false to silence this warning.",
                               stacklevel=3)
+
+    def validate_ep_size(self, ep_size: int) -> None:
+        """Raise a ValueError unless `ep_size` ranks can split the experts evenly."""
+        if ep_size < 1 or self.num_experts % ep_size:
+            divisors = [d for d in range(1, self.num_experts + 1) if self.num_experts % d == 0]
+            raise ValueError(f"num_experts={self.num_experts} is not divisible by ep_size={ep_size}; choose an "
+                             f"ep_size that divides num_experts (one of {divisors}).")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0

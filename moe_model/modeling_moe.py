@@ -13,7 +13,6 @@ Shape legend used in tensor names:
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from torch import nn
@@ -137,19 +136,6 @@ class MoeBatchedExperts(nn.Module):
         return out_ElND.view(El, G, C, D).transpose(0, 1)
 
 
-def expert_parallel_rank(ep_size: int) -> int:
-    """This rank's index in its expert-parallel group, under DeepSpeed's default layout (consecutive ranks)."""
-    if ep_size == 1:
-        return 0
-    if not dist.is_initialized():
-        raise ValueError(f"ep_size={ep_size} needs torch.distributed initialized (e.g. deepspeed.init_distributed()) "
-                         "before the model is built; build with ep_size=1 for a single process.")
-    world_size = dist.get_world_size()
-    if world_size % ep_size:
-        raise ValueError(f"ep_size={ep_size} does not divide the world size {world_size}.")
-    return dist.get_rank() % ep_size
-
-
 def draw_layer_seed() -> int:
     """One draw per MoE layer from the global RNG: the seed of the layer's experts (`MoePreTrainedModel._init_weights`).
 
@@ -205,9 +191,13 @@ class MoeRouting:
 
 
 class MoeSparseBlock(nn.Module):
-    """DeepSpeed's MoE layer (router, capacity, all-to-all dispatch/combine, experts) plus shared experts."""
+    """DeepSpeed's MoE layer (router, capacity, all-to-all dispatch/combine, experts) plus shared experts.
 
-    def __init__(self, config: MoeConfig) -> None:
+    It holds experts `ep_rank * El .. (ep_rank + 1) * El - 1` of E, El = E / ep_size; DeepSpeed creates the
+    expert-parallel groups and wires the all-to-all inside `deepspeed.initialize`.
+    """
+
+    def __init__(self, config: MoeConfig, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
@@ -220,7 +210,7 @@ class MoeSparseBlock(nn.Module):
                 hidden_size=config.hidden_size,
                 expert=MoeMLP(config.hidden_size, config.moe_intermediate_size),
                 num_experts=config.num_experts,
-                ep_size=config.ep_size,
+                ep_size=ep_size,
                 k=config.num_experts_per_tok,
                 capacity_factor=config.capacity_factor,
                 eval_capacity_factor=config.eval_capacity_factor,
@@ -237,7 +227,7 @@ class MoeSparseBlock(nn.Module):
                 else None
             )
         self.moe.deepspeed_moe.experts = MoeBatchedExperts(self.moe.deepspeed_moe.experts.deepspeed_experts)
-        self._seed_experts(layer_seed, expert_parallel_rank(config.ep_size) * self.moe.num_local_experts)
+        self._seed_experts(layer_seed, ep_rank * self.moe.num_local_experts)
         # DeepSpeed's exp_counts are counted before the capacity limit; its gate's sparse routes mark each
         # dropped (token, slot) with expert -1, so keep them to count what the experts really received.
         self._routes_kT: torch.Tensor | None = None
@@ -438,7 +428,7 @@ class MoeRouterObserver:
 
 
 class MoeDecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: MoeConfig, layer_idx: int) -> None:
+    def __init__(self, config: MoeConfig, layer_idx: int, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
         self.self_attn = MoeAttention(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx)
@@ -450,7 +440,7 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
             self.mlp = MoeAutoEPBlock(config)
             self.router_observer = MoeRouterObserver(config)
         else:
-            self.mlp = MoeSparseBlock(config)
+            self.mlp = MoeSparseBlock(config, ep_size, ep_rank)
         self.input_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -551,10 +541,16 @@ def build_attention_mask(attention_mask_BP, batch: int, query_len: int, past_len
 
 
 class MoeModel(MoePreTrainedModel):
-    def __init__(self, config: MoeConfig) -> None:
+    def __init__(self, config: MoeConfig, *, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__(config)
+        config.validate_ep_size(ep_size)
+        if not 0 <= ep_rank < ep_size:
+            raise ValueError(f"ep_rank={ep_rank} must lie in [0, ep_size={ep_size}).")
+        self.ep_size, self.ep_rank = ep_size, ep_rank
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList([MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [MoeDecoderLayer(config, i, ep_size, ep_rank) for i in range(config.num_hidden_layers)]
+        )
         self.norm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = MoeRotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -595,11 +591,21 @@ class MoeModel(MoePreTrainedModel):
 
 
 class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
+    """The causal LM, built for one place in an expert-parallel layout.
+
+    `ep_size` ranks split the experts of every native MoE layer; this one, `ep_rank` in its expert-parallel group,
+    holds global experts `ep_rank * E / ep_size` onwards (DeepSpeed's layout puts consecutive global ranks in one
+    group, see `moe_recipe.engine.build_model`). One seed gives global expert i the same weights for every ep_size.
+    The layout is not stored in the config; `from_pretrained(path, ep_size=..., ep_rank=...)` passes it through.
+    autoep layers hold all experts whatever ep_size is: DeepSpeed AutoEP splits them when it replaces them.
+    """
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: MoeConfig) -> None:
+    def __init__(self, config: MoeConfig, *, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__(config)
-        self.model = MoeModel(config)
+        self.ep_size, self.ep_rank = ep_size, ep_rank
+        self.model = MoeModel(config, ep_size=ep_size, ep_rank=ep_rank)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 

@@ -54,7 +54,7 @@ def load(path: Path, tokenizer: str | None = None):
     manifest = read_manifest(checkpoint)
     if manifest["tensors"] is None:
         raise ValueError(f"checkpoint {checkpoint} holds no layout-independent weights to read.")
-    model = MoeForCausalLM(MoeConfig.from_dict({**manifest["model"], "ep_size": 1}))
+    model = MoeForCausalLM(MoeConfig.from_dict(manifest["model"]))
     model.load_state_dict(read_weights(checkpoint, manifest["tensors"]))
     tokenizer_dir = find_tokenizer(checkpoint, Path(tokenizer) if tokenizer else None)
     return model.float().eval(), AutoTokenizer.from_pretrained(str(tokenizer_dir)), checkpoint

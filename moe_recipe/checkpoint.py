@@ -6,7 +6,7 @@ A checkpoint is a folder `step_XXXXXXXX/` holding
 - `portable/`: every parameter's fp32 master weight and Adam moments under its global name (see reshard.py): resume
   at any other layout, and the export command, read these;
 - `rng_rankXXXXX.pt`: each rank's RNG state;
-- `checkpoint.json`, the manifest: step, model config, layout, LR schedule, engine counters, every tensor's file and
+- `checkpoint.json`, the manifest: step, model config (no layout in it), layout, LR schedule, engine counters, every tensor's file and
   shape, every file's size.
 
 Crash safety: the ranks write into `step_XXXXXXXX.incomplete/`; after a barrier rank 0 writes the manifest, fsyncs,
@@ -42,8 +42,8 @@ ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_inte
                      "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_shared_experts",
                      "use_residual", "moe_layer_freq", "first_k_dense_replace", "tie_word_embeddings", "moe_backend")
 _DEFAULTS = {"moe_backend": "deepspeed"}  # for configs from before the field existed
-# Differences here are legitimate between jobs (ep_size is the layout; the rest is bookkeeping).
-_UNCOMPARED_KEYS = {"ep_size", "transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path",
+# Bookkeeping, legitimately different between jobs.
+_UNCOMPARED_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path",
                     "pad_token_id", "bos_token_id", "eos_token_id", "auto_map"}
 
 
@@ -55,7 +55,7 @@ def current_layout(engine) -> dict:
     """What a native DeepSpeed checkpoint is tied to."""
     return {
         "world_size": dist.get_world_size(),
-        "ep_size": engine.module.config.ep_size,
+        "ep_size": engine.module.ep_size,
         "zero_stage": engine.zero_optimization_stage(),
         "offload_optimizer": bool(engine.zero_cpu_offload()),
         "dtype": str(engine.get_data_types()[0]).removeprefix("torch."),
@@ -79,10 +79,6 @@ def _write_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync(path.parent)
-
-
-def _model_dict(config: MoeConfig) -> dict:
-    return {**json.loads(config.to_json_string(use_diff=False)), "ep_size": 1}
 
 
 def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
@@ -123,7 +119,7 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
         manifest = {
             "format": FORMAT,
             "step": step,
-            "model": _model_dict(engine.module.config),
+            "model": json.loads(engine.module.config.to_json_string(use_diff=False)),
             "layout": current_layout(engine),
             "train_batch_size": engine.train_batch_size(),
             "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,

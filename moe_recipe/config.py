@@ -81,7 +81,7 @@ class RecipeConfig:
     name: str = "default"
 
     def model_config(self, **overrides) -> MoeConfig:
-        return MoeConfig(**{**self.model, "ep_size": self.parallel.ep_size, **overrides})
+        return MoeConfig(**{**self.model, **overrides})
 
 
 def _section(cls, values: dict[str, Any], name: str):
@@ -123,8 +123,9 @@ def global_batch_size(trainer: TrainerConfig, world_size: int) -> int:
 
 def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | None = None) -> MoeConfig:
     """Check every cross-section rule; raise one ValueError that says what to change. Returns the model config."""
-    model = cfg.model_config()  # MoeConfig.validate: experts vs ep_size, top-k, heads, ...
+    model = cfg.model_config()  # MoeConfig.validate: top-k, heads, layers, ...
     ep = cfg.parallel.ep_size
+    model.validate_ep_size(ep)
     if world_size % ep:
         raise ValueError(f"parallel.ep_size={ep} does not divide the world size {world_size}; launch a multiple of "
                          f"{ep} processes or pick an ep_size among the divisors of {world_size}.")

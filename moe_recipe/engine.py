@@ -1,11 +1,12 @@
 """DeepSpeed wiring in one place: the DeepSpeed config, MoE optimizer groups, the engine."""
 
 import torch
+import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from moe_model import MoeConfig
+from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import autoep_layer_settings
 
 from .config import RecipeConfig, global_batch_size, max_steps
@@ -88,15 +89,32 @@ def build_optimizer(model: nn.Module, cfg: RecipeConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
 
 
-def initialize_engine(model: nn.Module, cfg: RecipeConfig, world_size: int):
+def expert_parallel_rank(rank: int, ep_size: int) -> int:
+    """A global rank's place in its expert-parallel group under DeepSpeed's layout, where consecutive ranks form a
+    group: ranks [0, ep_size) the first, [ep_size, 2 ep_size) the next (`groups._create_expert_and_data_parallel`)."""
+    return rank % ep_size
+
+
+def build_model(config: MoeConfig, ep_size: int) -> MoeForCausalLM:
+    """This rank's model: its share of the experts at `ep_size`, the same weights per global expert for any layout
+    when the global seed is the same on every rank (set it before)."""
+    return MoeForCausalLM(config, ep_size=ep_size, ep_rank=expert_parallel_rank(dist.get_rank(), ep_size))
+
+
+def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, world_size: int):
     """Wrap the model in a DeepSpeed engine (EP and expert-DP groups are created here, from the MoE layers)."""
     import deepspeed
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import groups
 
     ds_config = build_deepspeed_config(cfg, world_size)
     # A callable: DeepSpeed builds the optimizer once AutoEP (if enabled) has replaced the MoE blocks, so the groups
     # hold AutoEP's expert parameters, tagged for their expert-parallel group, and never the discarded ones.
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=lambda _: build_optimizer(model, cfg),
                                            config=ds_config)
+    for layer in (m for m in model.modules() if isinstance(m, MoE)):
+        assert groups._get_expert_parallel_rank(layer.expert_group_name) == model.ep_rank, \
+            "the model was built for another place in the expert-parallel group than DeepSpeed gave this rank"
     return engine
 
 

@@ -7,7 +7,7 @@ CHECKPOINT is a checkpoint folder (step_XXXXXXXX), a checkpoints folder or a run
 checkpoint). The weights come from the checkpoint's layout-independent fp32 state (see reshard.py), so no engine,
 process group or GPU is needed, and the layout it was trained at does not matter.
 
---format hf (default): this project's MoeForCausalLM with ep_size=1. Load it with
+--format hf (default): this project's MoeForCausalLM, every expert under its global name. Load it with
     import moe_model  # registers model_type "deepspeed_moe" with the Auto classes
     model = AutoModelForCausalLM.from_pretrained(folder)
 --format mixtral: transformers' own MixtralForCausalLM, in the original Mixtral file layout
@@ -142,7 +142,7 @@ def export(checkpoint: Path, output: Path, fmt: str = "hf", dtype: str = "float3
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"{output} exists and is not empty; export into a new folder.")
     tokenizer = AutoTokenizer.from_pretrained(str(find_tokenizer(checkpoint, tokenizer)))
-    config = MoeConfig.from_dict({**manifest["model"], "ep_size": 1})
+    config = MoeConfig.from_dict(manifest["model"])
     weights = {name: tensor.to(DTYPES[dtype]) for name, tensor in read_weights(checkpoint, manifest["tensors"]).items()}
     if fmt == "mixtral":
         config, weights = to_mixtral(config, weights)

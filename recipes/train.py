@@ -74,8 +74,7 @@ def train(cfg: RecipeConfig, resolved: dict, tokenizer: PreTrainedTokenizerFast)
     import deepspeed
     import torch.distributed as dist
 
-    from moe_model import MoeForCausalLM
-    from moe_recipe.engine import build_deepspeed_config, initialize_engine
+    from moe_recipe.engine import build_deepspeed_config, build_model, initialize_engine
     from moe_recipe.metrics import MetricsSink
     from moe_recipe.trainer import Trainer
 
@@ -100,7 +99,7 @@ def train(cfg: RecipeConfig, resolved: dict, tokenizer: PreTrainedTokenizerFast)
     torch.manual_seed(cfg.trainer.seed)
     model_config = cfg.model_config(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                                     pad_token_id=tokenizer.pad_token_id)
-    model = MoeForCausalLM(model_config)
+    model = build_model(model_config, cfg.parallel.ep_size)
     if cfg.trainer.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = initialize_engine(model, cfg, world_size)

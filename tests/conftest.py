@@ -36,10 +36,11 @@ def tiny_config() -> Callable[..., MoeConfig]:
 
 @pytest.fixture
 def tiny_model(tiny_config) -> Callable[..., MoeForCausalLM]:
-    """`tiny_model(seed=0, **overrides)` builds a MoeForCausalLM in eval mode from a fixed seed."""
+    """`tiny_model(seed=0, ep_size=1, ep_rank=0, **overrides)` builds a MoeForCausalLM in eval mode from a fixed
+    seed, holding expert-parallel rank `ep_rank`'s share of the experts."""
 
-    def make(seed: int = 0, **overrides) -> MoeForCausalLM:
+    def make(seed: int = 0, ep_size: int = 1, ep_rank: int = 0, **overrides) -> MoeForCausalLM:
         torch.manual_seed(seed)
-        return MoeForCausalLM(tiny_config(**overrides)).eval()
+        return MoeForCausalLM(tiny_config(**overrides), ep_size=ep_size, ep_rank=ep_rank).eval()
 
     return make

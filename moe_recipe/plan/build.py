@@ -94,7 +94,7 @@ def build_plan(cfg: RecipeConfig, cluster: ClusterSpec, tokenizer_vocab_size: in
 
     world = cluster.world_size
     c = validate(cfg, world, tokenizer_vocab_size=tokenizer_vocab_size)
-    if c.moe_backend != "deepspeed":
+    if not c.backend_support.planned:
         raise NotModeledError(
             f"model.moe_backend={c.moe_backend!r}: the planner models DeepSpeed's native MoE layer (capacity-padded "
             "[E, C, D] buffers, ZeRO 0-2); AutoEP's dropless layer and ZeRO-3 are not modeled, so no plan is made.")

@@ -5,11 +5,9 @@ byte for byte)."""
 from __future__ import annotations
 
 import bisect
-import copy
 import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-from unittest import mock
 
 import torch
 
@@ -34,19 +32,14 @@ class OptimizerGroup:
 
 
 def build_rank_model(model_config: MoeConfig, ep_size: int) -> MoeForCausalLM:
-    """The model one rank holds at `ep_size` (its E / ep_size local experts), on the meta device: no memory, no init."""
+    """The model one rank holds at `ep_size` (its E / ep_size local experts), on the meta device: no memory, no init.
+    Every ep_rank holds the same shapes."""
     from transformers.initialization import no_init_weights
 
-    from moe_model import MoeForCausalLM, modeling_moe
+    from moe_model import MoeForCausalLM
 
-    rank_config = copy.deepcopy(model_config)
-    rank_config.ep_size = ep_size
-    # The model asks torch.distributed for its EP rank, only to pick expert init seeds, which do not exist on meta.
-    # TODO(issue 11): build with MoeForCausalLM(model_config, ep_size=ep_size, ep_rank=0) once the model takes its
-    # layout as arguments, and drop this patch.
-    with mock.patch.object(modeling_moe, "expert_parallel_rank", return_value=0), torch.device("meta"), \
-            no_init_weights():
-        return MoeForCausalLM(rank_config)
+    with torch.device("meta"), no_init_weights():
+        return MoeForCausalLM(model_config, ep_size=ep_size, ep_rank=0)
 
 
 def optimizer_groups(model_config: MoeConfig, ep_size: int, weight_decay: float) -> list[OptimizerGroup]:

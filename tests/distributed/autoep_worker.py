@@ -15,10 +15,9 @@ import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from moe_model import MoeForCausalLM
 from moe_model.modeling_moe import MoeAutoEPBlock
 from moe_recipe.config import recipe_config_from_dict, validate
-from moe_recipe.engine import initialize_engine
+from moe_recipe.engine import build_model, initialize_engine
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--runs", nargs="+", required=True, help="moe_backend:zero_stage:ep_size, e.g. autoep:3:2")
@@ -58,7 +57,7 @@ def recipe_config(backend: str, zero_stage: int, ep_size: int):
 def train(backend: str, zero_stage: int, ep_size: int) -> dict:
     cfg = recipe_config(backend, zero_stage, ep_size)
     torch.manual_seed(0)
-    engine = initialize_engine(MoeForCausalLM(cfg.model_config()), cfg, world)
+    engine = initialize_engine(build_model(cfg.model_config(), ep_size), cfg, world)
     layers = engine.module.model.layers
     replaced = [type(layer.mlp).__name__ for layer in layers if layer.is_moe]
     if backend == "autoep":  # the engine, not the model's own block, must have run the steps

@@ -9,9 +9,10 @@ import re
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import groups
 
-from moe_model import MoeConfig, MoeForCausalLM
-from moe_recipe.engine import build_param_groups
+from moe_model import MoeConfig
+from moe_recipe.engine import build_model, build_param_groups
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--ep-size", type=int, required=True)
@@ -27,12 +28,12 @@ torch.manual_seed(0)
 config = MoeConfig(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=48, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, num_experts=4, num_experts_per_tok=2,
-    ep_size=args.ep_size, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False, num_shared_experts=1,
+    drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False, num_shared_experts=1,
     first_k_dense_replace=1,
     # DeepSpeed's aux loss is computed per rank on local tokens: not layout invariant, so it is left out here.
     router_aux_loss_coef=0.0, router_z_loss_coef=0.01,
 )
-model = MoeForCausalLM(config)
+model = build_model(config, args.ep_size)
 optimizer = torch.optim.AdamW(build_param_groups(model, weight_decay=0.1), lr=1e-2, betas=(0.9, 0.95))
 ds_config = {
     "train_batch_size": GLOBAL_BATCH,
@@ -60,7 +61,7 @@ for step in range(STEPS):
     grad_norms.append(float("nan") if norm is None else float(norm))
 
 # Rename local expert i to its global id so every layout writes the same names.
-ep_rank = rank % args.ep_size
+ep_rank = groups._get_expert_parallel_rank(f"ep_size_{args.ep_size}")  # DeepSpeed's word, not the model's
 num_local = config.num_experts // args.ep_size
 weights = {}
 for name, param in engine.module.named_parameters():

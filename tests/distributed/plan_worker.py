@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 
-from moe_model import MoeForCausalLM
-from moe_recipe.engine import initialize_engine
+from moe_recipe.engine import build_model, initialize_engine
 from moe_recipe.plan import (
     ClusterSpec,
     build_plan,
@@ -114,7 +113,7 @@ def train(cfg):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(cfg.trainer.seed)
-    model = MoeForCausalLM(cfg.model_config())
+    model = build_model(cfg.model_config(), cfg.parallel.ep_size)
     if cfg.trainer.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = initialize_engine(model, cfg, world)

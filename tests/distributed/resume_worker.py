@@ -15,11 +15,10 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from moe_model import MoeForCausalLM
 from moe_recipe.config import (DataConfig, LoggingConfig, OptimConfig, ParallelConfig, RecipeConfig, TrainerConfig,
                                ZeroConfig)
 from moe_recipe.data import PackedSplits
-from moe_recipe.engine import initialize_engine
+from moe_recipe.engine import build_model, initialize_engine
 from moe_recipe.metrics import MetricsSink
 from moe_recipe.trainer import Trainer
 
@@ -62,7 +61,7 @@ for job in json.loads(args.jobs):
     # As recipes/train.py: one seed for the weights on every rank, then one per rank.
     torch.manual_seed(cfg.trainer.seed)
     model_config = cfg.model_config()
-    engine = initialize_engine(MoeForCausalLM(model_config), cfg, world)
+    engine = initialize_engine(build_model(model_config, cfg.parallel.ep_size), cfg, world)
     torch.manual_seed(cfg.trainer.seed + rank)
     metrics = MetricsSink(run_dir, cfg.logging, "test", {}, enabled=rank == 0)
     Trainer(engine, cfg, model_config, splits, run_dir, metrics, STEPS).fit()

@@ -1,12 +1,14 @@
 """MoeConfig validation, layer interleaving, expert init, save/load, generation, gradient checkpointing and the
 noisy-gating options of the MoE causal LM, on tiny configs in one CPU process."""
 
+import json
+
 import pytest
 import torch
+import torch.distributed as dist
 
 import moe_model  # noqa: F401  (registers the Auto classes)
-import moe_model.modeling_moe as modeling_moe
-from moe_model import MoeForCausalLM
+from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import MoeMLP, MoeSparseBlock
 from transformers import AutoModelForCausalLM
 
@@ -30,7 +32,6 @@ def expert_weights(model: MoeForCausalLM) -> dict[tuple[int, int, str], torch.Te
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(num_experts=8, ep_size=3), "num_experts=8 is not divisible by ep_size=3"),
         (dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok=5"),
         (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads=3"),
         (dict(head_dim=7), "head_dim=7 must be even"),
@@ -50,15 +51,22 @@ def test_config_rejects_bad_settings_naming_the_field(tiny_config, overrides, me
 @pytest.mark.parametrize(
     "overrides",
     [dict(noisy_gate_policy="RSample", num_experts_per_tok=1), dict(noisy_gate_policy="Jitter"),
-     dict(noisy_gate_policy="None"), dict(num_experts_per_tok=4), dict(ep_size=4)],
+     dict(noisy_gate_policy="None"), dict(num_experts_per_tok=4)],
 )
 def test_config_accepts_valid_settings(tiny_config, overrides):
     tiny_config(**overrides)
 
 
-def test_ep_size_above_one_needs_torch_distributed(tiny_config):
-    with pytest.raises(ValueError, match="ep_size=2 needs torch.distributed initialized"):
-        MoeForCausalLM(tiny_config(ep_size=2))
+@pytest.mark.parametrize("ep_size, ep_rank, message", [(3, 0, "num_experts=4 is not divisible by ep_size=3"),
+                                                     (2, 2, r"ep_rank=2 must lie in \[0, ep_size=2\)")])
+def test_model_rejects_a_layout_that_does_not_fit(tiny_config, ep_size, ep_rank, message):
+    with pytest.raises(ValueError, match=message):
+        MoeForCausalLM(tiny_config(), ep_size=ep_size, ep_rank=ep_rank)
+
+
+def test_old_config_with_ep_size_loads_without_it(tiny_config):
+    config = MoeConfig.from_dict({**tiny_config().to_dict(), "ep_size": 2})
+    assert not hasattr(config, "ep_size") and "ep_size" not in config.to_dict()
 
 
 # --- interleaving -----------------------------------------------------------------------------------------------
@@ -111,29 +119,40 @@ def test_experts_start_distinct(tiny_model):
 
 
 @pytest.mark.parametrize("ep_size", [2, 4])
-def test_expert_init_independent_of_ep_size(tiny_model, monkeypatch, ep_size):
+def test_expert_init_independent_of_ep_size(tiny_model, ep_size):
     """Global expert i starts from the same tensor whatever ep_size is, and other weights do not change.
 
-    One process cannot host an ep_size > 1 model, so this fakes each rank's place in its expert-parallel group
-    (the only thing the model asks torch.distributed at build time) and builds every rank's shard. The real
-    multi-process equivalence lives in tests/distributed.
+    Every rank's shard is built in this one process, without torch.distributed: the layout is an argument of the
+    model. The real multi-process equivalence lives in tests/distributed.
     """
     E = 8
     reference = tiny_model(num_experts=E).state_dict()
     local = E // ep_size
     seen_experts = set()
-    for rank in range(ep_size):
-        monkeypatch.setattr(modeling_moe, "expert_parallel_rank", lambda size, rank=rank: rank)
-        shard = tiny_model(num_experts=E, ep_size=ep_size).state_dict()
+    for ep_rank in range(ep_size):
+        shard = tiny_model(num_experts=E, ep_size=ep_size, ep_rank=ep_rank).state_dict()
         for name, tensor in shard.items():
             if EXPERTS_KEY in name:
                 prefix, rest = name.split(EXPERTS_KEY)
                 local_id, proj = rest.split(".", 1)
-                global_id = rank * local + int(local_id)
+                global_id = ep_rank * local + int(local_id)
                 seen_experts.add((prefix, global_id, proj))
                 name = f"{prefix}{EXPERTS_KEY}{global_id}.{proj}"
             assert torch.equal(tensor, reference[name]), name
     assert len(seen_experts) == sum(EXPERTS_KEY in name for name in reference)
+    assert not dist.is_initialized()
+
+
+def test_ep_rank_1_of_2_holds_global_experts_2_and_3(tiny_model):
+    reference = tiny_model(num_experts=4).state_dict()
+    shard = tiny_model(num_experts=4, ep_size=2, ep_rank=1).state_dict()
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp.moe.deepspeed_moe.experts{EXPERTS_KEY}"
+        assert not any(name.startswith(f"{prefix}2") for name in shard)  # two local experts only
+        for local_id, global_id in ((0, 2), (1, 3)):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                assert torch.equal(shard[f"{prefix}{local_id}.{proj}.weight"],
+                                   reference[f"{prefix}{global_id}.{proj}.weight"])
 
 
 # --- save / load ------------------------------------------------------------------------------------------------
@@ -145,6 +164,7 @@ def test_save_pretrained_round_trip(tiny_model, tmp_path, tie):
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
+    assert "ep_size" not in json.loads((tmp_path / "config.json").read_text())
     assert not list(tmp_path.glob("*.bin"))
 
     loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
