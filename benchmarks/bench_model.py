@@ -44,7 +44,7 @@ from deepspeed.module_inject.auto_ep_config import parse_autoep_config
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moe_model import MoeConfig, MoeForCausalLM
-from moe_model.modeling_moe import MoeSparseBlock, autoep_layer_settings
+from moe_model.modeling_moe import MoeRouterRecorder, MoeSparseBlock, autoep_layer_settings
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,8 @@ def build_block(variant: Variant, shape: BenchShape, device: torch.device, dtype
         model = swap_in_autoep(MoeForCausalLM(ours_config(replace(shape, layers=1), None, "autoep")))
         block = model.model.layers[0].mlp
     elif variant.is_ours:
-        block = MoeSparseBlock(ours_config(shape, variant.capacity_factor))
+        config = ours_config(shape, variant.capacity_factor)
+        block = MoeSparseBlock(config, MoeRouterRecorder(config))
     else:
         block = MixtralSparseMoeBlock(hf_config(shape, variant.experts_implementation))
     with torch.no_grad():  # Mixtral's expert tensors are torch.empty until the model's init runs.
@@ -265,9 +266,8 @@ def time_moe_block(variant: Variant, shape: BenchShape, device: torch.device, dt
         synchronize(device)
         start = time.perf_counter()
         out = block(x_BSD)
-        if isinstance(out, tuple):  # MoeSparseBlock; AutoEP's layer returns the hidden states only
-            out, routing = out
-            tokens_per_expert_E = routing.tokens_per_expert_E.detach()
+        if isinstance(block, MoeSparseBlock):  # its recorder holds what the experts received
+            tokens_per_expert_E = block.recorder.pop().tokens_per_expert_E.detach()
         out.backward(grad_BSD)
         synchronize(device)
         if step >= shape.warmup:

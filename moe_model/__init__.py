@@ -2,11 +2,11 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_moe import MoeConfig
+from .configuration_moe import MOE_BACKENDS, MoeBackend, MoeConfig
 from .modeling_moe import MoeForCausalLM, MoeModel
 
 AutoConfig.register(MoeConfig.model_type, MoeConfig)
 AutoModel.register(MoeConfig, MoeModel)
 AutoModelForCausalLM.register(MoeConfig, MoeForCausalLM)
 
-__all__ = ["MoeConfig", "MoeForCausalLM", "MoeModel"]
+__all__ = ["MOE_BACKENDS", "MoeBackend", "MoeConfig", "MoeForCausalLM", "MoeModel"]

@@ -1,11 +1,47 @@
 """Configuration of the MoE causal LM whose sparse blocks are DeepSpeed MoE layers."""
 
 import warnings
+from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
-MOE_BACKENDS = ("deepspeed", "autoep")
+
+
+@dataclass(frozen=True)
+class MoeBackend:
+    """What one implementation of the MoE layers supports. Config validation, checkpoints, export and the planner
+    read this table instead of repeating the rules."""
+
+    description: str
+    capacity: bool  # an expert capacity: drop_tokens, capacity_factor, eval_capacity_factor, min_capacity
+    noisy_gate: bool  # noisy_gate_policy (Jitter, RSample)
+    random_token_selection: bool  # use_rts
+    sampled_second_expert: bool  # top2_2nd_expert_sampling
+    residual_moe: bool  # use_residual (PR-MoE)
+    zero3: bool  # trains under ZeRO stage 3
+    portable_checkpoint: bool  # layout-independent checkpoint state: resume at another layout, moe-export
+    mixtral_export: bool  # moe-export --format mixtral
+    planned: bool  # moe-plan models its memory and all-to-all
+
+
+MOE_BACKENDS = {
+    "deepspeed": MoeBackend(
+        description="DeepSpeed's native MoE layers", capacity=True, noisy_gate=True, random_token_selection=True,
+        sampled_second_expert=True, residual_moe=True, zero3=False, portable_checkpoint=True, mixtral_export=True,
+        planned=True,
+    ),
+    "autoep": MoeBackend(
+        description="DeepSpeed AutoEP's dropless layers", capacity=False, noisy_gate=False,
+        random_token_selection=False, sampled_second_expert=False, residual_moe=False, zero3=True,
+        portable_checkpoint=False, mixtral_export=False, planned=False,
+    ),
+}
+
+
+def backends_with(capability: str) -> list[str]:
+    """The backends that support `capability` (a MoeBackend field), for messages that say what to switch to."""
+    return [name for name, backend in MOE_BACKENDS.items() if getattr(backend, capability)]
 
 
 class MoeConfig(PretrainedConfig):
@@ -152,17 +188,30 @@ class MoeConfig(PretrainedConfig):
         if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
             fail("router_aux_loss_coef and router_z_loss_coef must be >= 0.")
         if self.moe_backend not in MOE_BACKENDS:
-            fail(f"moe_backend={self.moe_backend!r} must be one of {MOE_BACKENDS}.")
-        if self.moe_backend == "autoep":
-            if self.noisy_gate_policy is not None or self.use_residual:
-                fail("noisy_gate_policy and use_residual (PR-MoE) exist only in DeepSpeed's native MoE layer; "
-                     "set noisy_gate_policy=null and use_residual=false, or use moe_backend='deepspeed'.")
-            ignored = [name for name, on in (("drop_tokens", self.drop_tokens), ("top2_2nd_expert_sampling",
-                       self.top2_2nd_expert_sampling and self.num_experts_per_tok == 2)) if on]
-            if ignored:
-                warnings.warn(f"MoeConfig: moe_backend='autoep' is dropless top-k routing, so {ignored} (and the "
-                              "capacity settings) have no effect; set them to false to silence this warning.",
-                              stacklevel=3)
+            fail(f"moe_backend={self.moe_backend!r} must be one of {list(MOE_BACKENDS)}.")
+        backend = self.backend_support
+        unsupported = [(setting, off, capability) for setting, on, off, capability in (
+            ("noisy_gate_policy", self.noisy_gate_policy is not None, "noisy_gate_policy=null", "noisy_gate"),
+            ("use_residual", self.use_residual, "use_residual=false", "residual_moe"),
+        ) if on and not getattr(backend, capability)]
+        if unsupported:
+            fail(f"{' and '.join(u[0] for u in unsupported)} not supported by moe_backend={self.moe_backend!r} "
+                 f"({backend.description}); set {' and '.join(u[1] for u in unsupported)}, or use moe_backend="
+                 f"{' or '.join(repr(b) for b in backends_with(unsupported[0][2]))}.")
+        ignored = [name for name, on, supported in (
+            ("drop_tokens", self.drop_tokens, backend.capacity),
+            ("top2_2nd_expert_sampling", self.top2_2nd_expert_sampling and self.num_experts_per_tok == 2,
+             backend.sampled_second_expert),
+        ) if on and not supported]
+        if ignored:
+            warnings.warn(f"MoeConfig: moe_backend={self.moe_backend!r} is dropless top-k routing, so {ignored} (and "
+                          "the capacity settings) have no effect; set them to false to silence this warning.",
+                          stacklevel=3)
+
+    @property
+    def backend_support(self) -> MoeBackend:
+        """What this config's moe_backend supports."""
+        return MOE_BACKENDS[self.moe_backend]
 
     def validate_ep_size(self, ep_size: int) -> None:
         """Raise a ValueError unless `ep_size` ranks can split the experts evenly."""
@@ -179,4 +228,4 @@ class MoeConfig(PretrainedConfig):
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
 
-__all__ = ["MoeConfig"]
+__all__ = ["MOE_BACKENDS", "MoeBackend", "MoeConfig", "backends_with"]

@@ -11,6 +11,7 @@ Shape legend used in tensor names:
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -156,13 +157,34 @@ def renormalizes_top_k(config: MoeConfig) -> bool:
     return config.num_experts_per_tok > 1
 
 
-def route_top_k(router_logits_TE: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax (fp32) top-k routing, as AutoEP's router: (combine weights [T, k], experts [T, k], best first)."""
+class MoeRoute(NamedTuple):
+    probs_TE: torch.Tensor  # fp32 softmax over the router logits
+    weights_Tk: torch.Tensor  # combine weights of the chosen experts
+    experts_Tk: torch.Tensor  # the chosen experts, best first
+
+
+def route_top_k(router_logits_TE: torch.Tensor, k: int, renormalize: bool) -> MoeRoute:
+    """Softmax (fp32) top-k routing, as AutoEP's router and DeepSpeed's gates without noise or capacity.
+
+    The one place top-k is taken: the autoep block routes with it, the recorder counts the router's demand with it.
+    """
     probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
     top_probs_Tk, top_experts_Tk = probs_TE.topk(k, dim=-1)
     if renormalize:
         top_probs_Tk = top_probs_Tk / top_probs_Tk.sum(dim=-1, keepdim=True)
-    return top_probs_Tk, top_experts_Tk
+    return MoeRoute(probs_TE, top_probs_Tk, top_experts_Tk)
+
+
+def count_routes(experts: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[E] routes per expert; negative entries (routes dropped at the capacity limit) count for no expert.
+
+    The one place experts are counted. A scatter, not bincount: bincount sizes its output from the data, a host sync.
+    """
+    experts_N = experts.flatten().long()
+    buckets_N = torch.where(experts_N < 0, num_experts, experts_N)
+    counts = torch.zeros(num_experts + 1, device=experts_N.device, dtype=dtype)
+    counts.scatter_add_(0, buckets_N, torch.ones_like(buckets_N, dtype=dtype))
+    return counts[:num_experts]
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor) -> torch.Tensor:
@@ -173,21 +195,70 @@ def load_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor) ->
     """
     T, E = probs_TE.shape
     counted_Tk = top_experts_Tk[:, :1] if top_experts_Tk.shape[1] <= 2 else top_experts_Tk
-    share_E = torch.zeros(E, device=probs_TE.device).scatter_add_(
-        0, counted_Tk.flatten(), torch.full((counted_Tk.numel(),), 1.0 / T, device=probs_TE.device)
-    )
+    share_E = count_routes(counted_Tk, E) / T
     return (probs_TE.mean(0) * share_E).sum() * E / counted_Tk.shape[1]
 
 
 @dataclass
 class MoeRouting:
-    """What one MoE layer did with its tokens in a forward pass (this rank's tokens)."""
+    """What one MoE layer's router did with this rank's tokens in one forward pass."""
 
+    router_logits_TE: torch.Tensor  # fp32, before any gate noise
+    top_experts_Tk: torch.Tensor  # the router's top-k choices, best first: before capacity, without gate noise
+    demand_E: torch.Tensor  # routes the router asked of each expert (its top-k), before the capacity limit
+    tokens_per_expert_E: torch.Tensor  # routes each expert received, after the capacity limit
+    dropped_fraction: torch.Tensor  # share of this layer's routes dropped at the capacity limit
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
-    router_logits_TE: torch.Tensor
-    tokens_per_expert_E: torch.Tensor
-    dropped_fraction: torch.Tensor
+
+
+class MoeRouterRecorder:
+    """One MoE layer's routing numbers from its last forward, the same ones for both backends.
+
+    The native block hands over what DeepSpeed's gate did (`record` with the routes it kept and its aux loss). An
+    autoep layer returns only hidden states and is replaced inside `deepspeed.initialize`, so `watch` follows its
+    router's linear layer with a forward hook (`gate` on MoeAutoEPBlock, `router.gate` on AutoEP's AutoEPMoELayer)
+    and records its logits: dropless, with the aux loss of DeepSpeed's gate. A plain object: nothing in the state
+    dict. The model pops it after every layer.
+    """
+
+    def __init__(self, config: MoeConfig) -> None:
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = renormalizes_top_k(config)
+        self._gate: nn.Module | None = None
+        self._routing: MoeRouting | None = None
+
+    def record(self, router_logits_TE: torch.Tensor, kept_routes: torch.Tensor | None = None,
+               aux_loss: torch.Tensor | None = None) -> None:
+        """`kept_routes`: every route's expert after the capacity limit, -1 where dropped (None: dropless).
+        `aux_loss`: the layer's own load-balancing loss (None: DeepSpeed's formula over the router's top-k)."""
+        with torch.no_grad():  # counts only: nothing here needs a gradient, nothing is saved for backward
+            top_experts_Tk = route_top_k(router_logits_TE, self.top_k, self.renormalize).experts_Tk
+            demand_E = count_routes(top_experts_Tk, self.num_experts)
+            if kept_routes is None:
+                received_E, dropped_fraction = demand_E, torch.zeros((), device=demand_E.device)
+            else:
+                received_E = count_routes(kept_routes, self.num_experts)
+                dropped_fraction = 1 - received_E.sum() / kept_routes.numel()
+        if aux_loss is None:
+            aux_loss = load_balancing_loss(torch.softmax(router_logits_TE.float(), dim=-1), top_experts_Tk)
+        self._routing = MoeRouting(
+            router_logits_TE=router_logits_TE, top_experts_Tk=top_experts_Tk, demand_E=demand_E,
+            tokens_per_expert_E=received_E, dropped_fraction=dropped_fraction, aux_loss=aux_loss,
+            z_loss=router_z_loss(router_logits_TE),
+        )
+
+    def watch(self, block: nn.Module) -> None:
+        router = getattr(block, "router", None)
+        gate = block.gate if router is None else router.gate
+        if gate is not self._gate:
+            gate.register_forward_hook(lambda module, args, logits_TE: self.record(logits_TE))
+            self._gate = gate
+
+    def pop(self) -> MoeRouting:
+        routing, self._routing = self._routing, None
+        return routing
 
 
 class MoeSparseBlock(nn.Module):
@@ -197,8 +268,9 @@ class MoeSparseBlock(nn.Module):
     expert-parallel groups and wires the all-to-all inside `deepspeed.initialize`.
     """
 
-    def __init__(self, config: MoeConfig, ep_size: int = 1, ep_rank: int = 0) -> None:
+    def __init__(self, config: MoeConfig, recorder: MoeRouterRecorder, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
+        self.recorder = recorder
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.use_rts = config.use_rts
@@ -250,7 +322,7 @@ class MoeSparseBlock(nn.Module):
     def router_weight(self) -> torch.Tensor:
         return self.moe.deepspeed_moe.gate.wg.weight
 
-    def forward(self, hidden_BSD: torch.Tensor) -> tuple[torch.Tensor, MoeRouting]:
+    def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         # DeepSpeed's gate samples the second expert and the kept tokens (RTS) in eval mode too; both are training
         # regularizers, and inference must be deterministic (generate with and without cache must agree).
         gate = self.moe.deepspeed_moe.gate
@@ -264,22 +336,11 @@ class MoeSparseBlock(nn.Module):
         # because the gate does not return them. T x D x E flops: negligible next to the experts.
         router_logits_TE = F.linear(x_TD.float(), self.router_weight.float())
         out_BSD, aux_loss, _ = self.moe(hidden_BSD)
-        routes_kT, self._routes_kT = self._routes_kT.long(), None
-        dropped = routes_kT < 0
-        # Count with a scatter (no boolean indexing, so no host sync): dropped routes land in bucket E.
-        buckets = torch.where(dropped, self.num_experts, routes_kT).flatten()
-        counts = torch.zeros(self.num_experts + 1, device=buckets.device, dtype=torch.float32)
-        counts.scatter_add_(0, buckets, torch.ones_like(buckets, dtype=torch.float32))
+        kept_routes_kT, self._routes_kT = self._routes_kT, None
+        self.recorder.record(router_logits_TE, kept_routes=kept_routes_kT, aux_loss=aux_loss)
         if self.shared_experts is not None:
             out_BSD = out_BSD + self.shared_experts(hidden_BSD)
-        routing = MoeRouting(
-            aux_loss=aux_loss,
-            z_loss=router_z_loss(router_logits_TE),
-            router_logits_TE=router_logits_TE,
-            tokens_per_expert_E=counts[: self.num_experts],
-            dropped_fraction=counts[self.num_experts] / routes_kT.numel(),
-        )
-        return out_BSD, routing
+        return out_BSD
 
 
 def grouped_linear(x_ND: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Tensor, counts_E: torch.Tensor):
@@ -313,9 +374,7 @@ class MoeExperts(nn.Module):
         T, k = top_experts_Tk.shape
         experts_N = top_experts_Tk.flatten()
         order_N = experts_N.argsort(stable=True)  # routes grouped by expert; route n is token n // k
-        # A scatter, not bincount: bincount sizes its output from the data, a host sync.
-        counts_E = torch.zeros(self.num_experts, device=x_TD.device, dtype=torch.int32)
-        counts_E.scatter_add_(0, experts_N, torch.ones_like(experts_N, dtype=torch.int32))
+        counts_E = count_routes(experts_N, self.num_experts, dtype=torch.int32)
         offsets_E = counts_E.cumsum(0, dtype=torch.int32)
         x_ND = x_TD[order_N // k]
         gate_NF, up_NF = grouped_linear(x_ND, self.gate_up_proj, offsets_E, counts_E).chunk(2, dim=-1)
@@ -331,7 +390,7 @@ class MoeAutoEPBlock(nn.Module):
     Under a DeepSpeed engine whose config enables "expert_parallel" (see `autoep_layer_settings`), AutoEP swaps it
     for its AutoEPMoELayer: experts split over ep_size ranks, all-to-all dispatch, grouped GEMMs, ZeRO-3 support.
     This forward computes the same function in one process (inference, export, tests). Like AutoEP's layer it
-    returns the hidden states only; `MoeRouterObserver` reads the routing from the router's logits.
+    returns the hidden states only; `MoeRouterRecorder` reads the routing from the router's logits.
 
     The routing is DeepSpeed's native gate without drops or noise: softmax over fp32 logits, top-k, renormalized
     for k > 1; so both backends agree whenever the native one drops no token.
@@ -353,8 +412,8 @@ class MoeAutoEPBlock(nn.Module):
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
-        top_weights_Tk, top_experts_Tk = route_top_k(self.gate(x_TD), self.top_k, self.renormalize)
-        out_BSD = self.experts(x_TD, top_experts_Tk, top_weights_Tk).view_as(hidden_BSD)
+        route = route_top_k(self.gate(x_TD), self.top_k, self.renormalize)
+        out_BSD = self.experts(x_TD, route.experts_Tk, route.weights_Tk).view_as(hidden_BSD)
         if self.shared_experts is not None:
             out_BSD = out_BSD + self.shared_experts(hidden_BSD)
         return out_BSD
@@ -366,7 +425,7 @@ def autoep_layer_settings(config: MoeConfig) -> dict:
     Custom patterns rather than a preset: they go through AutoEP's default adapter, which leaves transformers'
     output recorders alone (the mixtral preset's adapter retargets them, and fails with transformers 5.23.0).
     Dense layers match the layer pattern too; AutoEP skips them because they have no `experts`. AutoEP logs that
-    its router implements no z-loss: `MoeRouterObserver` adds it, and the aux loss, outside the replaced layer.
+    its router implements no z-loss: `MoeRouterRecorder` adds it, and the aux loss, outside the replaced layer.
     """
     settings = {
         "moe_layer_pattern": r"model\.layers\.\d+\.mlp",
@@ -388,75 +447,28 @@ def autoep_layer_settings(config: MoeConfig) -> dict:
     return settings
 
 
-class MoeRouterObserver:
-    """The routing statistics of an autoep MoE layer, read from the logits its router's linear layer returns.
-
-    AutoEP's layer returns only the hidden states and replaces the block inside `deepspeed.initialize`, so a forward
-    hook follows the router: `gate` on MoeAutoEPBlock, `router.gate` on AutoEP's AutoEPMoELayer. The aux loss, z-loss
-    and counts are those of `MoeSparseBlock` without drops. A plain object, so it adds nothing to the state dict.
-    """
-
-    def __init__(self, config: MoeConfig) -> None:
-        self.num_experts = config.num_experts
-        self.top_k = config.num_experts_per_tok
-        self._gate: nn.Module | None = None
-        self._router_logits_TE: torch.Tensor | None = None
-
-    def watch(self, block: nn.Module) -> None:
-        router = getattr(block, "router", None)
-        gate = block.gate if router is None else router.gate
-        if gate is not self._gate:
-            gate.register_forward_hook(self._keep_logits)
-            self._gate = gate
-
-    def _keep_logits(self, gate, args, output) -> None:
-        self._router_logits_TE = output
-
-    def pop(self) -> MoeRouting:
-        router_logits_TE, self._router_logits_TE = self._router_logits_TE, None
-        probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
-        top_experts_Tk = probs_TE.topk(self.top_k, dim=-1).indices
-        counts_E = torch.zeros(self.num_experts, device=probs_TE.device)
-        counts_E.scatter_add_(0, top_experts_Tk.flatten(), torch.ones(top_experts_Tk.numel(), device=probs_TE.device))
-        return MoeRouting(
-            aux_loss=load_balancing_loss(probs_TE, top_experts_Tk),
-            z_loss=router_z_loss(router_logits_TE),
-            router_logits_TE=router_logits_TE,
-            tokens_per_expert_E=counts_E,
-            dropped_fraction=torch.zeros((), device=probs_TE.device),
-        )
-
-
 class MoeDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MoeConfig, layer_idx: int, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
         self.self_attn = MoeAttention(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx)
-        # autoep layers return only hidden states; the observer supplies their routing (native blocks return it).
-        self.router_observer = None
+        self.router_recorder = MoeRouterRecorder(config) if self.is_moe else None
         if not self.is_moe:
             self.mlp = MoeMLP(config.hidden_size, config.intermediate_size)
         elif config.moe_backend == "autoep":
             self.mlp = MoeAutoEPBlock(config)
-            self.router_observer = MoeRouterObserver(config)
         else:
-            self.mlp = MoeSparseBlock(config, ep_size, ep_rank)
+            self.mlp = MoeSparseBlock(config, self.router_recorder, ep_size, ep_rank)
         self.input_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_BSD, position_embeddings, attn_mask=None, past_key_values=None):
+    def forward(self, hidden_BSD, position_embeddings, attn_mask=None, past_key_values=None) -> torch.Tensor:
         hidden_BSD = hidden_BSD + self.self_attn(
             self.input_layernorm(hidden_BSD), position_embeddings, attn_mask, past_key_values
         )
-        if self.router_observer is not None:
-            self.router_observer.watch(self.mlp)  # AutoEP may have replaced the block since the last call
-            mlp_out = self.mlp(self.post_attention_layernorm(hidden_BSD))
-            return hidden_BSD + mlp_out, self.router_observer.pop()
-        mlp_out = self.mlp(self.post_attention_layernorm(hidden_BSD))
-        if self.is_moe:
-            mlp_out, routing = mlp_out
-            return hidden_BSD + mlp_out, routing
-        return hidden_BSD + mlp_out, None
+        if self.is_moe and not isinstance(self.mlp, MoeSparseBlock):
+            self.router_recorder.watch(self.mlp)  # autoep: AutoEP may have replaced the block since the last call
+        return hidden_BSD + self.mlp(self.post_attention_layernorm(hidden_BSD))
 
 
 @dataclass
@@ -471,8 +483,11 @@ class MoeCausalLMOutputWithPast(ModelOutput):
     """`loss` = `lm_loss` + router_aux_loss_coef * `aux_loss` + router_z_loss_coef * `z_loss`.
 
     `aux_loss` and `z_loss` are summed over the MoE layers. `aux_loss` is DeepSpeed's load-balancing loss, computed
-    per rank on its local tokens. `tokens_per_expert` ([L, E]) counts the (token, slot) routes each expert
-    received after the capacity limit on this rank; `dropped_fraction` ([L]) is the share of routes dropped.
+    per rank on its local tokens. The routing fields hold this rank's tokens, one row per MoE layer:
+    `router_logits` (L x [T, E], fp32), `top_experts` ([L, T, k]: the router's top-k choices, best first, before
+    the capacity limit and without gate noise), `router_demand` ([L, E]: those choices counted per expert),
+    `tokens_per_expert` ([L, E]: the (token, slot) routes each expert received after the capacity limit) and
+    `dropped_fraction` ([L]: the share of routes dropped there).
     """
 
     loss: torch.FloatTensor | None = None
@@ -482,6 +497,8 @@ class MoeCausalLMOutputWithPast(ModelOutput):
     logits: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
+    top_experts: torch.LongTensor | None = None
+    router_demand: torch.FloatTensor | None = None
     tokens_per_expert: torch.FloatTensor | None = None
     dropped_fraction: torch.FloatTensor | None = None
 
@@ -582,9 +599,9 @@ class MoeModel(MoePreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_BSD, position_ids)
         routing = []
         for layer in self.layers:
-            hidden_BSD, layer_routing = layer(hidden_BSD, position_embeddings, attn_mask, past_key_values)
-            if layer_routing is not None:
-                routing.append(layer_routing)
+            hidden_BSD = layer(hidden_BSD, position_embeddings, attn_mask, past_key_values)
+            if layer.router_recorder is not None:
+                routing.append(layer.router_recorder.pop())
         return MoeModelOutputWithPast(
             last_hidden_state=self.norm(hidden_BSD), past_key_values=past_key_values, routing=tuple(routing)
         )
@@ -649,6 +666,8 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             logits=logits_BSV,
             past_key_values=outputs.past_key_values,
             router_logits=tuple(r.router_logits_TE for r in routing),
+            top_experts=torch.stack([r.top_experts_Tk for r in routing]),
+            router_demand=torch.stack([r.demand_E for r in routing]),
             tokens_per_expert=torch.stack([r.tokens_per_expert_E for r in routing]),
             dropped_fraction=torch.stack([r.dropped_fraction for r in routing]),
         )
@@ -662,8 +681,11 @@ __all__ = [
     "MoeForCausalLM",
     "MoeModel",
     "MoePreTrainedModel",
-    "MoeRouterObserver",
+    "MoeRouterRecorder",
+    "MoeRouting",
     "MoeSparseBlock",
     "autoep_layer_settings",
+    "count_routes",
+    "route_top_k",
     "router_z_loss",
 ]

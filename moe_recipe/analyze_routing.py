@@ -64,11 +64,9 @@ def load(path: Path, tokenizer: str | None = None):
 def route_tokens(model, input_ids_T: torch.Tensor) -> torch.Tensor:
     """[L, T, k] experts each token's router picks in each MoE layer, best first; long texts run in windows."""
     window = model.config.max_position_embeddings
-    k = model.config.num_experts_per_tok
     chunks = []
     for start in range(0, input_ids_T.numel(), window):
-        out = model(input_ids=input_ids_T[None, start:start + window], use_cache=False)
-        chunks.append(torch.stack([logits_TE.topk(k, dim=-1).indices for logits_TE in out.router_logits]))
+        chunks.append(model(input_ids=input_ids_T[None, start:start + window], use_cache=False).top_experts)
     return torch.cat(chunks, dim=1)
 
 
@@ -79,11 +77,13 @@ def repetition_baselines(num_experts: int, k: int) -> tuple[float, float]:
 
 
 def summarize(experts_LTk: torch.Tensor, tokens: list[str], num_experts: int, top_tokens: int = 5) -> dict:
+    from moe_model.modeling_moe import count_routes
+
     L, T, k = experts_LTk.shape
     first_LT = experts_LTk[..., 0]
     layers = []
     for layer in range(L):
-        share_E = torch.bincount(first_LT[layer], minlength=num_experts).float() / T
+        share_E = count_routes(first_LT[layer], num_experts) / T
         same_first = (first_LT[layer, 1:] == first_LT[layer, :-1]).float().mean().item() if T > 1 else 0.0
         chosen_TE = torch.zeros(T, num_experts, dtype=torch.bool).scatter_(1, experts_LTk[layer], True)
         overlap = (chosen_TE[1:] & chosen_TE[:-1]).any(dim=1).float().mean().item() if T > 1 else 0.0

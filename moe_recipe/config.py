@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_model import MoeConfig
+from moe_model.configuration_moe import backends_with
 
 from .data import DataConfig
 
@@ -131,10 +132,10 @@ def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | Non
                          f"{ep} processes or pick an ep_size among the divisors of {world_size}.")
     if cfg.zero.stage not in (0, 1, 2, 3):
         raise ValueError(f"zero.stage={cfg.zero.stage} must be 0, 1, 2 or 3.")
-    if cfg.zero.stage == 3 and model.moe_backend != "autoep":
-        raise ValueError("zero.stage=3 is not supported by DeepSpeed's native MoE layers (DeepSpeed refuses "
-                         "ZeRO-3 with them); set model.moe_backend=autoep (AutoEP works with ZeRO-3) or use "
-                         "zero=stage2 or zero=stage2_offload.")
+    if cfg.zero.stage == 3 and not model.backend_support.zero3:
+        raise ValueError(f"zero.stage=3 is not supported by {model.backend_support.description}; set "
+                         f"model.moe_backend={' or '.join(backends_with('zero3'))} or use zero=stage2 or "
+                         "zero=stage2_offload.")
     if cfg.zero.offload_optimizer and cfg.zero.stage == 0:
         raise ValueError("zero.offload_optimizer=true needs zero.stage >= 1; use zero=stage2_offload.")
     if cfg.data.seq_len > model.max_position_embeddings:
@@ -151,7 +152,7 @@ def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | Non
     if t.precision not in PRECISIONS:
         raise ValueError(f"trainer.precision={t.precision!r} must be one of {PRECISIONS}.")
     tokens_per_rank = t.micro_batch_size * cfg.data.seq_len
-    if model.moe_backend == "deepspeed" and model.num_experts_per_tok == 1 and tokens_per_rank < model.min_capacity:
+    if model.backend_support.capacity and model.num_experts_per_tok == 1 and tokens_per_rank < model.min_capacity:
         raise ValueError(f"micro_batch_size * seq_len = {tokens_per_rank} tokens is below model.min_capacity="
                          f"{model.min_capacity}; DeepSpeed's top-1 gate needs at least that many tokens per rank.")
     if cfg.optim.lr <= 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:

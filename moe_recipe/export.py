@@ -97,7 +97,7 @@ def mixtral_blockers(config: MoeConfig) -> list[str]:
                         f"moe_layer_freq={config.moe_layer_freq})")
     if config.num_experts_per_tok < 2:
         blockers.append("top-1 routing (DeepSpeed scales by the softmax probability, Mixtral by 1)")
-    if getattr(config, "moe_backend", "deepspeed") != "deepspeed":
+    if not config.backend_support.mixtral_export:
         blockers.append(f"moe_backend={config.moe_backend!r}")
     return blockers
 

@@ -108,9 +108,9 @@ def unsupported_reason(engine) -> str | None:
     """Why this engine's state cannot be written layout-independently, or None when it can."""
     if engine.zero_optimization_stage() > 2:
         return "ZeRO-3 partitions the weights themselves"
-    moe_prefixes = tuple(_moe_layers(engine.module))
-    if any(is_moe_param(p) and not name.startswith(moe_prefixes) for name, p in engine.module.named_parameters()):
-        return "its experts are not in DeepSpeed's native MoE layers"
+    backend = engine.module.config.backend_support
+    if not backend.portable_checkpoint:
+        return f"model.moe_backend={engine.module.config.moe_backend!r}: {backend.description} have none"
     return None
 
 

@@ -1,13 +1,14 @@
-"""Expert-load heatmaps during training, and the warning when routing collapses onto a few experts.
+"""Routing metrics and expert-load heatmaps during training, and the warning when routing collapses onto a few experts.
 
-Two [L, E] matrices per MoE layer and expert, summed over the log window and all ranks:
+Two [L, E] matrices per MoE layer and expert, summed over the log window and all ranks (`metrics.WindowMetrics`):
   - received: the (token, slot) routes each expert processed, after the capacity limit (the model's
     `tokens_per_expert`); with drop_tokens no expert receives more than its capacity, so a collapse shows up here
     as dropped routes rather than as one dominant expert;
-  - demand: the routes the router asked for, its top-k over the router logits before capacity (`router_demand`);
-    this is where collapse shows: one expert chosen far more often than its fair share 1/E.
+  - demand: the routes the router asked for, its top-k over the router logits before capacity (the model's
+    `router_demand`); this is where collapse shows: one expert chosen far more often than its fair share 1/E.
 Each report writes run_dir/routing/expert_load_step_N.png (received | demand heatmaps, drop fraction per layer) and
-a .json with the numbers, logs the PNG to W&B as an image, and logs a warning for each collapsed layer.
+a .json with the numbers, hands the PNG to the metrics sink (W&B shows it), and logs a warning for each collapsed
+layer.
 
 Shape legend: L MoE layers, E experts, T tokens, k experts per token.
 """
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .metrics import MetricsSink
+
 log = logging.getLogger(__name__)
 
 # A layer has collapsed when one expert's share of the router's choices exceeds COLLAPSE_FACTOR / E (fair share:
@@ -26,23 +29,25 @@ log = logging.getLogger(__name__)
 COLLAPSE_FACTOR = 3.0
 
 
-def router_demand(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """[L, E] counts of each layer's top-k router choices before any capacity limit (no host sync).
-
-    DeepSpeed's gate takes the same top-k of the same logits; its optional noise (Jitter, RSample, sampled second
-    expert) is left out, so this is what the router prefers.
-    """
-    rows = []
-    for logits_TE in router_logits:
-        choices = logits_TE.topk(top_k, dim=-1).indices.flatten()
-        counts_E = torch.zeros(logits_TE.shape[-1], device=logits_TE.device, dtype=torch.float32)
-        rows.append(counts_E.scatter_add_(0, choices, torch.ones_like(choices, dtype=torch.float32)))
-    return torch.stack(rows)
-
-
 def shares(counts_LE: torch.Tensor) -> torch.Tensor:
     """Each layer's counts as a share of its routes (rows sum to 1)."""
     return counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def routing_metrics(received_LE: torch.Tensor, demand_LE: torch.Tensor, dropped_L: torch.Tensor) -> dict[str, float]:
+    """The routing/layer_i/* scalars of one log window: each expert's share of the received routes, the busiest
+    expert's load and demand against the fair share (1.0 = balanced), the dropped share."""
+    metrics = {}
+    received_share, demand_share = shares(received_LE), shares(demand_LE)
+    E = received_LE.shape[1]
+    for layer, (row, demand_row, dropped) in enumerate(zip(received_share.tolist(), demand_share.tolist(),
+                                                          dropped_L.tolist())):
+        metrics[f"routing/layer_{layer}/dropped_fraction"] = dropped
+        metrics[f"routing/layer_{layer}/max_load"] = max(row) * E
+        metrics[f"routing/layer_{layer}/max_demand"] = max(demand_row) * E
+        for expert, value in enumerate(row):
+            metrics[f"routing/layer_{layer}/expert_{expert}"] = value
+    return metrics
 
 
 def collapse_threshold(num_experts: int, top_k: int) -> float:
@@ -125,7 +130,7 @@ class RoutingReport:
             return False
         return last_step or step // self.interval > self.last_reported // self.interval
 
-    def write(self, step: int, wandb_run=None) -> RoutingSnapshot:
+    def write(self, step: int, sink: MetricsSink | None = None) -> RoutingSnapshot:
         received, demand, dropped = self._latest
         demand_share = shares(demand).tolist()
         snapshot = RoutingSnapshot(
@@ -138,11 +143,8 @@ class RoutingReport:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(asdict(snapshot), indent=1))
         png = self._render(snapshot, stem.with_suffix(".png"))
-        if png is not None and wandb_run is not None:
-            import wandb
-
-            caption = "; ".join(snapshot.warnings) or f"step {step}"
-            wandb_run.log({"routing/expert_load": wandb.Image(str(png), caption=caption)}, step=step)
+        if png is not None and sink is not None:
+            sink.log_image("routing/expert_load", png, step, caption="; ".join(snapshot.warnings) or f"step {step}")
         self.last_reported = step
         return snapshot
 
@@ -158,4 +160,4 @@ class RoutingReport:
 
 
 __all__ = ["COLLAPSE_FACTOR", "RoutingReport", "RoutingSnapshot", "collapse_warnings", "render_heatmap",
-           "router_demand", "shares"]
+           "routing_metrics", "shares"]

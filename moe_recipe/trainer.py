@@ -1,15 +1,18 @@
-"""The training loop: one step function, and one place where periodic work (log, eval, checkpoint) hangs."""
+"""The training loop: one step function, and one place where periodic work (log, eval, checkpoint) hangs.
+
+Only rank 0 prints (its logging level is INFO, the other ranks' WARNING); the progress bar is rank 0's too.
+"""
 
 import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moe_model import MoeConfig
 
@@ -17,32 +20,18 @@ from .checkpoint import load_checkpoint, resolve_resume_dir, save_checkpoint
 from .config import RecipeConfig, global_batch_size
 from .data import PackedSplits, eval_micro_batches, train_micro_batch
 from .engine import flops_per_token
-from .metrics import MetricsSink
+from .metrics import MetricsSink, WindowMetrics
 from .plan.hardware import guess_peak_flops
-from .routing_report import RoutingReport, router_demand, shares
+from .routing_report import RoutingReport, routing_metrics
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class StepStats:
-    """Sums over the micro steps of one optimizer step on this rank (tensors: no host sync until logged)."""
-
-    losses: torch.Tensor  # [4]: loss, lm_loss, aux_loss, z_loss
-    tokens_per_expert: torch.Tensor  # [L, E]
-    dropped_fraction: torch.Tensor  # [L]
-    router_demand: torch.Tensor  # [L, E]: the router's top-k choices, before the capacity limit
-
-    def __iadd__(self, other: "StepStats") -> "StepStats":
-        self.losses += other.losses
-        self.tokens_per_expert += other.tokens_per_expert
-        self.dropped_fraction += other.dropped_fraction
-        self.router_demand += other.router_demand
-        return self
-
-
 class PreemptionSignal:
-    """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM: checkpoint at the end of the step and exit."""
+    """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM: checkpoint at the next log or checkpoint step
+    and exit. Checked only there, where the ranks synchronize anyway (OLMo-core's cancel-check interval): a check
+    every step would add an all_reduce and a device-to-host sync to every step. Slurm's warning
+    (`--signal=USR1@600` in launch/) must therefore leave time for `trainer.log_interval` steps and a checkpoint."""
 
     def __init__(self) -> None:
         self.received = False
@@ -50,11 +39,11 @@ class PreemptionSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        log.warning("received signal %d: will checkpoint and stop after this step", signum)
+        log.warning("received signal %d: will checkpoint and stop at the next log or checkpoint step", signum)
         self.received = True
 
     def any_rank(self, device: torch.device) -> bool:
-        # Ranks may see the signal at different steps; they must agree on where to stop.
+        """Collective. Ranks may see the signal at different steps; they must agree on where to stop."""
         flag = torch.tensor([float(self.received)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -77,8 +66,10 @@ class Trainer:
         self.peak_flops = self.t.peak_flops_per_device or guess_peak_flops()
         self.preemption = PreemptionSignal()
         self.preempted = False
+        num_moe_layers = len(model_config.moe_layer_indices)
+        self.window = WindowMetrics(num_moe_layers, model_config.num_experts, self.device)
         self.routing = RoutingReport(run_dir / "routing", self.t.heatmap_interval, model_config.num_experts_per_tok,
-                                     list(range(len(model_config.moe_layer_indices))))
+                                     list(range(num_moe_layers)))
 
     def fit(self) -> None:
         resume_dir = resolve_resume_dir(self.t.resume, self.checkpoint_dir)
@@ -89,42 +80,41 @@ class Trainer:
         end_step = self.total_steps
         if self.t.stop_after_steps is not None:
             end_step = min(end_step, start_step + self.t.stop_after_steps)
-        progress = tqdm(total=self.total_steps, initial=start_step, disable=self.rank != 0, desc="train",
-                        dynamic_ncols=True)
-        self.engine.train()
-        window, window_start, window_steps = None, time.perf_counter(), 0
-        for step in range(start_step, end_step):
-            stats = self.train_step(step)
-            window = stats if window is None else window.__iadd__(stats)
-            window_steps += 1
-            done = step + 1
-            progress.update(1)
-            # Everything periodic happens here, at step boundaries, on every rank (the reductions are collective).
-            if done % self.t.log_interval == 0 or done == self.total_steps:
-                metrics = self.reduce(window, window_steps, time.perf_counter() - window_start)
-                self.metrics.log(metrics, step=done)
-                if self.rank == 0 and self.routing.due(done, last_step=done == self.total_steps):
-                    self.routing.write(done, self.metrics.wandb_run)
-                progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
-                window, window_start, window_steps = None, time.perf_counter(), 0
-            if done % self.t.eval_interval == 0 or done == self.total_steps:
-                eval_metrics = self.evaluate()
-                self.metrics.log(eval_metrics, step=done)
-                progress.write(f"step {done}: eval loss {eval_metrics['eval/loss']:.4f} "
-                               f"ppl {eval_metrics['eval/perplexity']:.2f}")
-                window_start = time.perf_counter()  # keep eval time out of tokens/s
-            self.preempted = self.preemption.any_rank(self.device)
-            if done % self.t.checkpoint_interval == 0 or done == end_step or self.preempted:
-                path = save_checkpoint(self.engine, self.checkpoint_dir, done)
-                progress.write(f"step {done}: checkpoint {path}")
-                window_start = time.perf_counter()
-            if self.preempted:
-                log.warning("stopping at step %d after preemption signal", done)
-                break
-        progress.close()
+        # Log lines go through tqdm.write while the bar is up, so they do not tear it.
+        with logging_redirect_tqdm(), tqdm(total=self.total_steps, initial=start_step, disable=self.rank != 0,
+                                           desc="train", dynamic_ncols=True) as progress:
+            self.engine.train()
+            window_start, window_steps = time.perf_counter(), 0
+            for step in range(start_step, end_step):
+                self.train_step(step)
+                window_steps += 1
+                done = step + 1
+                progress.update(1)
+                # Everything periodic happens here, at step boundaries, on every rank (the reductions are
+                # collective).
+                log_due = done % self.t.log_interval == 0 or done == self.total_steps
+                checkpoint_due = done % self.t.checkpoint_interval == 0 or done == end_step
+                if log_due:
+                    metrics = self.log_window(done, window_steps, time.perf_counter() - window_start)
+                    progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if done % self.t.eval_interval == 0 or done == self.total_steps:
+                    eval_metrics = self.evaluate()
+                    self.metrics.log(eval_metrics, step=done)
+                    log.info("step %d: eval loss %.4f ppl %.2f", done, eval_metrics["eval/loss"],
+                             eval_metrics["eval/perplexity"])
+                    window_start = time.perf_counter()  # keep eval time out of tokens/s
+                if log_due or checkpoint_due:
+                    self.preempted = self.preemption.any_rank(self.device)
+                if checkpoint_due or self.preempted:
+                    path = save_checkpoint(self.engine, self.checkpoint_dir, done)
+                    log.info("step %d: checkpoint %s", done, path)
+                    window_start = time.perf_counter()
+                if self.preempted:
+                    log.info("stopping at step %d after preemption signal", done)
+                    break
 
-    def train_step(self, step: int) -> StepStats:
-        stats = None
+    def train_step(self, step: int) -> None:
         for micro_step in range(self.t.grad_accum):
             input_ids = train_micro_batch(
                 self.splits.train, step=step, micro_step=micro_step, rank=self.rank, world_size=self.world_size,
@@ -133,53 +123,29 @@ class Trainer:
             out = self.engine(input_ids=input_ids, labels=input_ids)
             self.engine.backward(out.loss)
             self.engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
-            micro = StepStats(
-                losses=torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach().float(),
-                tokens_per_expert=out.tokens_per_expert.detach().float(),
-                dropped_fraction=out.dropped_fraction.detach().float(),
-                router_demand=router_demand(out.router_logits, self.routing.top_k),
-            )
-            stats = micro if stats is None else stats.__iadd__(micro)
-        return stats
+            self.window.add(out)
 
-    def reduce(self, window: StepStats, steps: int, seconds: float) -> dict[str, float]:
-        """Average over micro steps, steps and ranks; sum expert loads over ranks. `.item()` syncs the device."""
-        micro_steps = steps * self.t.grad_accum
-        losses = window.losses / micro_steps
-        dist.all_reduce(losses)
-        losses /= self.world_size
-        tokens_per_expert = window.tokens_per_expert.clone()
-        dist.all_reduce(tokens_per_expert)
-        demand = window.router_demand.clone()
-        dist.all_reduce(demand)
-        dropped = window.dropped_fraction / micro_steps
-        dist.all_reduce(dropped)
-        dropped /= self.world_size
+    def log_window(self, step: int, steps: int, seconds: float) -> dict[str, float]:
+        """Collective: reduce the window's sums in one all_reduce, log them, and on rank 0 the heatmap when due."""
+        totals = self.window.reduce()
         tokens_per_s = self.tokens_per_step * steps / seconds
         achieved_flops = self.flops_per_token * tokens_per_s / self.world_size
-        grad_norm = self.engine.get_global_grad_norm()
-        metrics = {
-            "train/loss": losses[0].item(),
-            "train/lm_loss": losses[1].item(),
-            "train/aux_loss": losses[2].item(),
-            "train/z_loss": losses[3].item(),
+        metrics = {f"train/{name}": value for name, value in totals.losses.items()}
+        metrics.update({
             "train/lr": self.engine.get_lr()[0],
             "perf/tokens_per_s": tokens_per_s,
             "perf/flops_per_s_per_device": achieved_flops,
-        }
+        })
+        grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:  # DeepSpeed keeps no global norm at ZeRO stage 0
             metrics["train/grad_norm"] = float(grad_norm)
         if self.peak_flops:
             metrics["perf/mfu"] = achieved_flops / self.peak_flops
-        share = shares(tokens_per_expert)
-        demand_share = shares(demand).tolist()
-        for layer, (layer_share, layer_dropped) in enumerate(zip(share.tolist(), dropped.tolist())):
-            metrics[f"routing/layer_{layer}/dropped_fraction"] = layer_dropped
-            metrics[f"routing/layer_{layer}/max_load"] = max(layer_share) * len(layer_share)
-            metrics[f"routing/layer_{layer}/max_demand"] = max(demand_share[layer]) * len(layer_share)
-            for expert, value in enumerate(layer_share):
-                metrics[f"routing/layer_{layer}/expert_{expert}"] = value
-        self.routing.observe(tokens_per_expert, demand, dropped)
+        metrics.update(routing_metrics(totals.received_LE, totals.demand_LE, totals.dropped_L))
+        self.metrics.log(metrics, step=step)
+        self.routing.observe(totals.received_LE, totals.demand_LE, totals.dropped_L)
+        if self.rank == 0 and self.routing.due(step, last_step=step == self.total_steps):
+            self.routing.write(step, self.metrics)
         return metrics
 
     @torch.no_grad()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import torchrun
+from tests.helpers import torchrun
 
 WORKER = Path(__file__).with_name("autoep_worker.py")
 pytestmark = pytest.mark.distributed

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import torchrun
+from tests.helpers import torchrun
 
 WORKER = Path(__file__).with_name("ep_worker.py")
 pytestmark = pytest.mark.distributed

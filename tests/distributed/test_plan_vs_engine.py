@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .launch import torchrun
+from tests.helpers import torchrun
 
 WORKER = Path(__file__).with_name("plan_worker.py")
 pytestmark = pytest.mark.distributed

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .launch import torchrun, train_rows
+from tests.helpers import torchrun, train_rows
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 pytestmark = pytest.mark.distributed

@@ -14,7 +14,7 @@ from moe_model import MoeForCausalLM
 from moe_recipe import analyze_routing
 from moe_recipe.export import export
 from moe_recipe.plan import compose_recipe_config
-from tests.distributed.launch import REPO, run_command
+from tests.helpers import REPO, run_command
 
 from .wandb_records import history_and_config
 

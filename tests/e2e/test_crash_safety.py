@@ -18,10 +18,7 @@ import pytest
 
 from moe_model import MoeConfig
 from moe_recipe.checkpoint import check_resume, read_manifest
-from tests.distributed.launch import REPO, free_port, run_command
-from tests.distributed.launch import test_env as launch_env  # (not collected as a test under this name)
-
-from .test_train import overrides, train_rows
+from tests.helpers import REPO, free_port, overrides, process_env, run_command, train_rows
 
 TRAIN = REPO / "recipes" / "train.py"
 CRASHER = Path(__file__).with_name("crash_train.py")
@@ -36,7 +33,7 @@ TWO_RANKS = [*COMMON, "parallel.ep_size=2", "trainer.grad_accum=1"]
 
 
 def crash(run_dir: Path, at: str, procs: int = 1, rank: int | None = None) -> str:
-    env = {**launch_env(), "CRASH_AT": at}
+    env = {**process_env(), "CRASH_AT": at}
     if rank is not None:
         env["CRASH_RANK"] = str(rank)
     if procs == 1:

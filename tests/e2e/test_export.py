@@ -17,9 +17,7 @@ from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from moe_model import MoeConfig
 from moe_recipe.export import export, mixtral_blockers
-from tests.distributed.launch import REPO, run_command, torchrun
-
-from .test_train import overrides
+from tests.helpers import REPO, overrides, run_command, torchrun
 
 TRAIN = REPO / "recipes" / "train.py"
 WORKER = REPO / "tests" / "distributed" / "resume_worker.py"

@@ -8,27 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.launch import REPO, free_port, run_command, torchrun, train_rows
+from tests.helpers import REPO, assert_trained, free_port, overrides, run_command, torchrun, train_rows
 
 from .wandb_records import history_and_config
 
 TRAIN = REPO / "recipes" / "train.py"
 pytestmark = pytest.mark.e2e
-
-
-def overrides(run_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"trainer.run_dir={run_dir}",
-        f"data.cache_dir={run_dir.parent / 'data-cache'}",
-        "trainer.max_steps=6",
-        "optim.warmup_steps=2",
-        "trainer.micro_batch_size=2",
-        "trainer.log_interval=1",
-        "trainer.eval_interval=3",
-        "trainer.eval_batches=2",
-        "trainer.checkpoint_interval=3",
-        *extra,
-    ]
 
 
 def deepspeed_launch(num_procs: int, args: list[str], check: bool = True):
@@ -37,27 +22,14 @@ def deepspeed_launch(num_procs: int, args: list[str], check: bool = True):
                        check=check)
 
 
-def assert_trained(run_dir: Path, steps: int, num_experts: int = 8, moe_layers: int = 2) -> dict[int, dict]:
-    rows = train_rows(run_dir)
-    assert sorted(rows) == list(range(1, steps + 1))
-    assert rows[steps]["train/loss"] < rows[1]["train/loss"]
-    for row in rows.values():
-        shares = [row[f"routing/layer_0/expert_{e}"] for e in range(num_experts)]
-        assert sum(shares) == pytest.approx(1.0)
-        assert 0.0 <= row["routing/layer_0/dropped_fraction"] < 1.0
-    checkpoints = run_dir / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == f"step_{steps:08d}"
-    expert_files = list((checkpoints / f"step_{steps:08d}").glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
-    assert len(expert_files) == num_experts * moe_layers
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()
-    return rows
-
-
 @pytest.mark.parametrize("zero", ["stage0", "stage1", "stage2_offload"])
 def test_deepspeed_launcher_ep2(tmp_path, zero):
     run_dir = tmp_path / "run"
-    deepspeed_launch(2, overrides(run_dir, "parallel.ep_size=2", f"zero={zero}"))
+    proc = deepspeed_launch(2, overrides(run_dir, "parallel.ep_size=2", f"zero={zero}"))
     assert_trained(run_dir, steps=6)
+    # Only rank 0 speaks: each eval and checkpoint line once, not once per rank.
+    for line in ("step 3: eval loss", "step 6: eval loss", "step 3: checkpoint", "step 6: checkpoint"):
+        assert proc.stdout.count(line) == 1, (line, proc.stdout[-3000:])
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     assert ds_config["train_batch_size"] == 2 * 1 * 2
     assert ds_config["zero_optimization"]["stage"] == int(zero[5])

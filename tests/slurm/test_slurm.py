@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.distributed.launch import REPO
-from tests.distributed.launch import test_env as process_env  # (a test_* name would be collected)
-from tests.e2e.test_train import assert_trained, overrides, train_rows
+from tests.helpers import REPO, assert_trained, overrides, process_env, train_rows
 from tests.e2e.wandb_records import history_and_config
 
 from .cluster import NetworkUnavailable, SlurmCluster, install_slurm

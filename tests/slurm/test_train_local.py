@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.launch import REPO, run_command
-from tests.distributed.launch import test_env as process_env  # (a test_* name would be collected)
-from tests.e2e.test_train import assert_trained, overrides
+from tests.helpers import REPO, assert_trained, overrides, process_env, run_command
 
 pytestmark = pytest.mark.e2e
 

@@ -6,17 +6,20 @@ from `autoep_layer_settings`; the recipe puts the backend into the DeepSpeed con
 Multi-process training through the engine (EP 2, ZeRO-2 and ZeRO-3) is tests/distributed/test_autoep.py.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from deepspeed.module_inject.auto_ep import AutoEP
 from deepspeed.module_inject.auto_ep_config import parse_autoep_config
 from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
-from moe_model import MoeConfig, MoeForCausalLM
+from moe_model import MOE_BACKENDS, MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import MoeAutoEPBlock, MoeSparseBlock, autoep_layer_settings
 from moe_recipe.config import validate
 from moe_recipe.engine import build_deepspeed_config
-from tests.unit.test_conf import compose_recipe
+from moe_recipe.export import mixtral_blockers
+from tests.helpers import compose_recipe
 
 # Layer 0 dense, layers 1 and 2 MoE; std 0.2 gives O(1) outputs and peaked routers, so tolerances mean something.
 DROPLESS = dict(drop_tokens=False, num_hidden_layers=3, first_k_dense_replace=1, initializer_range=0.2,
@@ -81,9 +84,13 @@ def forward_backward(model: MoeForCausalLM, input_ids: torch.Tensor):
 
 
 def assert_same_outputs(out, reference) -> None:
+    """Same losses and logits, and the same routing from each layer's recorder."""
     for field in ("loss", "lm_loss", "aux_loss", "z_loss", "logits"):
         torch.testing.assert_close(getattr(out, field), getattr(reference, field), rtol=1e-5, atol=1e-5, msg=field)
-    assert torch.equal(out.tokens_per_expert, reference.tokens_per_expert)
+    torch.testing.assert_close(out.router_logits, reference.router_logits, rtol=1e-5, atol=1e-5)
+    for field in ("top_experts", "router_demand", "tokens_per_expert"):
+        assert torch.equal(getattr(out, field), getattr(reference, field)), field
+    assert torch.equal(out.router_demand, out.tokens_per_expert)  # nothing dropped: demand is what was received
     assert out.dropped_fraction.abs().sum().item() == 0.0
 
 
@@ -145,7 +152,7 @@ def test_autoep_replacement_computes_what_the_block_computed(tiny_model, overrid
     reference_grads = {name: grad.clone() for name, grad in in_native_names(model, grads=True).items()}
 
     replace_with_autoep(model)
-    out = forward_backward(model, input_ids)  # the router observer must now follow AutoEP's router.gate
+    out = forward_backward(model, input_ids)  # the router recorder must now follow AutoEP's router.gate
 
     assert [type(layer.mlp) for layer in model.model.layers[1:]] == [AutoEPMoELayer] * 2
     assert_same_outputs(out, reference)
@@ -186,8 +193,11 @@ def test_autoep_generate_with_and_without_cache_agree_and_round_trips(tiny_model
     "overrides, message",
     [
         (dict(moe_backend="tutel"), "moe_backend='tutel' must be one of"),
-        (dict(moe_backend="autoep", noisy_gate_policy="Jitter"), "exist only in DeepSpeed's native MoE layer"),
-        (dict(moe_backend="autoep", use_residual=True), "exist only in DeepSpeed's native MoE layer"),
+        (dict(moe_backend="autoep", noisy_gate_policy="Jitter"),
+         "noisy_gate_policy not supported by moe_backend='autoep'.*set noisy_gate_policy=null, or use "
+         "moe_backend='deepspeed'"),
+        (dict(moe_backend="autoep", use_residual=True, noisy_gate_policy="Jitter"),
+         "noisy_gate_policy and use_residual not supported.*set noisy_gate_policy=null and use_residual=false"),
     ],
 )
 def test_config_rejects_native_only_settings_with_autoep(tiny_config, overrides, message):
@@ -198,6 +208,15 @@ def test_config_rejects_native_only_settings_with_autoep(tiny_config, overrides,
 def test_config_warns_that_autoep_ignores_token_dropping(tiny_config):
     with pytest.warns(UserWarning, match=r"dropless top-k routing, so \['drop_tokens'\]"):
         tiny_config(moe_backend="autoep", drop_tokens=True)
+
+
+def test_backend_rules_come_from_the_capability_table(monkeypatch):
+    with pytest.raises(ValueError, match="zero.stage=3 is not supported by DeepSpeed's native MoE layers"):
+        validate(compose_recipe("zero.stage=3"), world_size=2, tokenizer_vocab_size=4096)
+    assert mixtral_blockers(MoeConfig(num_experts=4)) == []
+    monkeypatch.setitem(MOE_BACKENDS, "deepspeed", replace(MOE_BACKENDS["deepspeed"], zero3=True, mixtral_export=False))
+    validate(compose_recipe("zero.stage=3"), world_size=2, tokenizer_vocab_size=4096)
+    assert mixtral_blockers(MoeConfig(num_experts=4)) == ["moe_backend='deepspeed'"]
 
 
 def test_deepspeed_config_enables_autoep_only_for_the_autoep_backend():

@@ -6,11 +6,7 @@ import torch
 from moe_model import MoeForCausalLM
 from moe_recipe.config import CONF_DIR, validate
 from moe_recipe.engine import active_params_per_token, build_deepspeed_config, build_param_groups
-from moe_recipe.plan import compose_recipe_config
-
-
-def compose_recipe(*overrides: str):
-    return compose_recipe_config(list(overrides))[0]
+from tests.helpers import compose_recipe
 
 
 def group_options(group: str) -> list[str]:

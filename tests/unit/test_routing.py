@@ -1,5 +1,5 @@
 """MoeSparseBlock against hand computations: a naive per-token / per-expert loop, DeepSpeed's aux-loss formulas,
-the z-loss, and the capacity arithmetic behind `tokens_per_expert` and `dropped_fraction`.
+the z-loss, and the capacity arithmetic behind the recorded `tokens_per_expert`, `demand` and `dropped_fraction`.
 
 Shape legend: T tokens, D hidden size, E experts, k experts per token.
 """
@@ -22,6 +22,12 @@ def first_block(model) -> MoeSparseBlock:
     block = model.model.layers[0].mlp
     assert isinstance(block, MoeSparseBlock)
     return block
+
+
+def run_block(block: MoeSparseBlock, x_BSD: torch.Tensor):
+    """The block's output and what its router recorder holds from that forward."""
+    out_BSD = block(x_BSD)
+    return out_BSD, block.recorder.pop()
 
 
 def swiglu(mlp, x_TD: torch.Tensor) -> torch.Tensor:
@@ -95,7 +101,7 @@ def test_block_matches_naive_per_token_loop(tiny_model, overrides, training):
     x_BSD = torch.randn(2, T // 2, model.config.hidden_size)
 
     with torch.no_grad():
-        out_BSD, routing = block(x_BSD)
+        out_BSD, routing = run_block(block, x_BSD)
         expected_TD = naive_moe(block, x_BSD.reshape(T, -1))
 
     assert out_BSD.abs().mean() > 0.05, "outputs too small for the tolerance to mean anything"
@@ -111,7 +117,7 @@ def test_aux_and_z_loss_match_hand_computation(tiny_model, k):
     torch.manual_seed(1)
     x_BSD = torch.randn(2, T // 2, model.config.hidden_size)
 
-    _, routing = block(x_BSD)
+    _, routing = run_block(block, x_BSD)
     logits_TE = x_BSD.reshape(T, -1) @ block.router_weight.T
 
     torch.testing.assert_close(routing.router_logits_TE, logits_TE)
@@ -198,7 +204,7 @@ def test_drops_follow_capacity_arithmetic(
     x_BTD = routed_inputs(T, num_forward, model.config.hidden_size)
 
     with torch.no_grad():
-        out_BTD, routing = block(x_BTD)
+        out_BTD, routing = run_block(block, x_BTD)
 
     # Routes each expert is asked for: the first num_forward tokens pick experts 0..k-1, the rest E-1..E-k.
     requested_E = torch.zeros(E)
@@ -210,6 +216,7 @@ def test_drops_follow_capacity_arithmetic(
     assert kept_E.sum() < k * T, "the case must overflow some expert"
 
     assert block.moe.deepspeed_moe.exp_counts.tolist() == requested_E.tolist()  # DeepSpeed's count: pre-drop
+    assert routing.demand_E.tolist() == requested_E.tolist()  # the router's demand: before the capacity limit
     assert routing.tokens_per_expert_E.tolist() == kept_E.tolist()
     assert routing.tokens_per_expert_E.tolist() != block.moe.deepspeed_moe.exp_counts.tolist()
     assert routing.dropped_fraction.item() == pytest.approx(1 - kept_E.sum().item() / (k * T), abs=1e-7)
@@ -226,10 +233,25 @@ def test_no_drops_without_drop_tokens(tiny_model, k):
     x_BTD = routed_inputs(T, T, model.config.hidden_size)  # every token wants the same k experts
 
     with torch.no_grad():
-        _, routing = block(x_BTD)
+        _, routing = run_block(block, x_BTD)
 
     expected_E = torch.zeros(block.num_experts)
     expected_E[:k] = T
     assert routing.dropped_fraction.item() == 0.0
     assert routing.tokens_per_expert_E.tolist() == expected_E.tolist()
     assert block.moe.deepspeed_moe.exp_counts.tolist() == expected_E.tolist()
+
+
+def test_recorded_top_k_and_demand_match_a_naive_count(tiny_model):
+    """The model's `top_experts` and `router_demand` against sorting each token's router logits by hand."""
+    model = tiny_model(num_experts=6, num_experts_per_tok=3, num_hidden_layers=3, first_k_dense_replace=1)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 25), generator=torch.Generator().manual_seed(1))
+    out = model(input_ids)
+    assert out.top_experts.shape == (2, 50, 3) and out.router_demand.shape == (2, 6)
+    for layer, logits_TE in enumerate(out.router_logits):
+        expected_E = torch.zeros(6)
+        for t, row in enumerate(logits_TE):
+            best = row.argsort(descending=True)[:3]
+            assert out.top_experts[layer, t].tolist() == best.tolist()
+            expected_E[best] += 1
+        assert out.router_demand[layer].tolist() == expected_E.tolist()

@@ -1,4 +1,5 @@
-"""Expert-load report: router demand against a naive count, the collapse rule, the interval, the files it writes."""
+"""Routing metrics and the expert-load report: the window's scalars, the collapse rule, the interval, the files it
+writes and the image it hands to the metrics sink."""
 
 import json
 
@@ -9,30 +10,21 @@ from moe_recipe.routing_report import (
     RoutingReport,
     collapse_threshold,
     collapse_warnings,
-    router_demand,
+    routing_metrics,
     shares,
 )
 
 
-def test_router_demand_counts_each_tokens_top_k():
-    torch.manual_seed(0)
-    logits = (torch.randn(50, 6), torch.randn(50, 6))
-    demand = router_demand(logits, top_k=2)
-    for layer, logits_TE in enumerate(logits):
-        expected = torch.zeros(6)
-        for row in logits_TE:  # naive: sort each token's logits, count its two best experts
-            for expert in row.argsort(descending=True)[:2]:
-                expected[expert] += 1
-        torch.testing.assert_close(demand[layer], expected)
-    assert demand.sum().item() == 2 * 50 * 2
+def test_routing_metrics_of_a_window():
+    received = torch.tensor([[30.0, 10, 10, 10], [15, 15, 15, 15]])
+    demand = torch.tensor([[50.0, 4, 3, 3], [15, 15, 15, 15]])
+    metrics = routing_metrics(received, demand, torch.tensor([0.25, 0.0]))
+    assert [metrics[f"routing/layer_0/expert_{e}"] for e in range(4)] == pytest.approx([0.5, 1 / 6, 1 / 6, 1 / 6])
+    assert metrics["routing/layer_0/max_load"] == pytest.approx(2.0)  # 0.5 of the routes, fair share 0.25
+    assert metrics["routing/layer_0/max_demand"] == pytest.approx(50 / 60 * 4)
+    assert metrics["routing/layer_0/dropped_fraction"] == 0.25
+    assert metrics["routing/layer_1/max_load"] == metrics["routing/layer_1/max_demand"] == pytest.approx(1.0)
     torch.testing.assert_close(shares(demand).sum(dim=1), torch.ones(2))
-
-
-def test_router_demand_of_real_model_outputs(tiny_model):
-    model = tiny_model()
-    out = model(input_ids=torch.randint(0, 128, (2, 16)))
-    demand = router_demand(out.router_logits, model.config.num_experts_per_tok)
-    assert demand.shape == (2, 4) and demand.sum(dim=1).tolist() == [64.0, 64.0]
 
 
 @pytest.mark.parametrize("experts, k, threshold", [(8, 2, 0.3125), (64, 8, 3 / 64), (4, 2, 0.375), (16, 1, 3 / 16)])
@@ -66,18 +58,19 @@ def test_report_interval_and_files(tmp_path):
     assert png.startswith(b"\x89PNG")
 
 
-def test_report_logs_the_image_to_wandb(tmp_path):
+def test_report_hands_the_image_to_the_metrics_sink(tmp_path):
     logged = []
 
-    class Run:
-        def log(self, data, step):
-            logged.append((step, data))
+    class Sink:
+        def log_image(self, name, path, step, caption=None):
+            logged.append((name, path, step, caption))
 
     report = RoutingReport(tmp_path, interval=5, top_k=1, layer_ids=[0])
     report.observe(torch.tensor([[3.0, 1]]), torch.tensor([[3.0, 1]]), torch.tensor([0.0]))
-    report.write(5, Run())
-    ((step, data),) = logged
-    assert step == 5 and type(data["routing/expert_load"]).__name__ == "Image"
+    report.write(5, Sink())
+    ((name, path, step, caption),) = logged
+    assert name == "routing/expert_load" and step == 5 and caption == "step 5"
+    assert path == tmp_path / "expert_load_step_00000005.png" and path.read_bytes().startswith(b"\x89PNG")
 
 
 def test_off_when_interval_is_none(tmp_path):
