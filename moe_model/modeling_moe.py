@@ -614,6 +614,8 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     holds global experts `ep_rank * E / ep_size` onwards (DeepSpeed's layout puts consecutive global ranks in one
     group, see `moe_recipe.engine.build_model`). One seed gives global expert i the same weights for every ep_size.
     The layout is not stored in the config; `from_pretrained(path, ep_size=..., ep_rank=...)` passes it through.
+    Weights load by name, so a folder holding every expert under its global id (an export) loads whole at ep_size 1;
+    the recipe's checkpoints hand each layout its experts (moe_recipe/reshard.py).
     autoep layers hold all experts whatever ep_size is: DeepSpeed AutoEP splits them when it replaces them.
     """
 
