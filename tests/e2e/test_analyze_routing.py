@@ -15,8 +15,7 @@ from moe_recipe import analyze_routing
 from moe_recipe.export import export
 from moe_recipe.plan import compose_recipe_config
 from tests.helpers import REPO, run_command
-
-from .wandb_records import history_and_config
+from tests.wandb_records import history_and_config
 
 pytestmark = pytest.mark.e2e
 TEXT = ("def add(x, y):\n    return x + y\n\nThe for statement is used to iterate over the elements of a sequence "

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, assert_trained, free_port, overrides, run_command, torchrun, train_rows
-
-from .wandb_records import history_and_config
+from tests.wandb_records import history_and_config
 
 TRAIN = REPO / "recipes" / "train.py"
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.helpers import REPO, assert_trained, overrides, process_env, train_rows
-from tests.e2e.wandb_records import history_and_config
+from tests.wandb_records import history_and_config
 
 from .cluster import NetworkUnavailable, SlurmCluster, install_slurm
 

@@ -182,6 +182,15 @@ def test_save_pretrained_round_trip(tiny_model, tmp_path, tie):
         assert torch.equal(model(input_ids).logits, loaded(input_ids).logits)
 
 
+def test_from_pretrained_passes_the_layout_to_the_model_not_the_config(tiny_model, tmp_path):
+    tiny_model(num_experts=4).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, ep_size=2, ep_rank=1)
+    assert (loaded.ep_size, loaded.ep_rank) == (2, 1)
+    assert not hasattr(loaded.config, "ep_size")
+    assert {local for _, local, _ in expert_weights(loaded)} == {0, 1}
+    assert not dist.is_initialized()
+
+
 # --- generation -------------------------------------------------------------------------------------------------
 
 
