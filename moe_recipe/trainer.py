@@ -18,7 +18,7 @@ from moe_model import MoeConfig
 
 from .checkpoint import load_checkpoint, resolve_resume_dir, save_checkpoint
 from .config import RecipeConfig, global_batch_size
-from .data import PackedSplits, eval_micro_batches, train_micro_batch
+from .data import TrainingData
 from .engine import flops_per_token
 from .metrics import MetricsSink, WindowMetrics
 from .plan.hardware import guess_peak_flops
@@ -50,12 +50,13 @@ class PreemptionSignal:
 
 
 class Trainer:
-    def __init__(self, engine, cfg: RecipeConfig, model_config: MoeConfig, splits: PackedSplits, run_dir: Path,
+    def __init__(self, engine, cfg: RecipeConfig, model_config: MoeConfig, data: TrainingData, run_dir: Path,
                  metrics: MetricsSink, total_steps: int) -> None:
         self.engine = engine
         self.cfg = cfg
         self.t = cfg.trainer
-        self.splits = splits
+        self.data = data
+        self.mixture_counts = 0  # samples per store of a mixture in the log window, the same on every rank
         self.metrics = metrics
         self.total_steps = total_steps
         self.checkpoint_dir = run_dir / "checkpoints"
@@ -88,6 +89,8 @@ class Trainer:
             for step in range(start_step, end_step):
                 self.train_step(step)
                 window_steps += 1
+                self.mixture_counts = self.mixture_counts + self.data.step_counts(
+                    step, global_batch_size(self.t, self.world_size))
                 done = step + 1
                 progress.update(1)
                 # Everything periodic happens here, at step boundaries, on every rank (the reductions are
@@ -116,9 +119,9 @@ class Trainer:
 
     def train_step(self, step: int) -> None:
         for micro_step in range(self.t.grad_accum):
-            input_ids = train_micro_batch(
-                self.splits.train, step=step, micro_step=micro_step, rank=self.rank, world_size=self.world_size,
-                micro_batch_size=self.t.micro_batch_size, grad_accum=self.t.grad_accum, seed=self.cfg.data.seed,
+            input_ids = self.data.train_micro_batch(
+                step=step, micro_step=micro_step, rank=self.rank, world_size=self.world_size,
+                micro_batch_size=self.t.micro_batch_size, grad_accum=self.t.grad_accum,
             ).to(self.device)
             out = self.engine(input_ids=input_ids, labels=input_ids)
             self.engine.backward(out.loss)
@@ -142,6 +145,10 @@ class Trainer:
         if self.peak_flops:
             metrics["perf/mfu"] = achieved_flops / self.peak_flops
         metrics.update(routing_metrics(totals.received_LE, totals.demand_LE, totals.dropped_L))
+        if len(self.data.names) > 1:  # the realised mixture
+            for name, count in zip(self.data.names, self.mixture_counts.tolist()):
+                metrics[f"data/{name}_fraction"] = count / int(self.mixture_counts.sum())
+        self.mixture_counts = 0
         self.metrics.log(metrics, step=step)
         self.routing.observe(totals.received_LE, totals.demand_LE, totals.dropped_L)
         if self.rank == 0 and self.routing.due(step, last_step=step == self.total_steps):
@@ -150,17 +157,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean next-token loss over the validation blocks, every rank on its own shard (same count per rank)."""
+        """Mean next-token loss over each store's validation blocks, every rank on its own shard (same count per
+        rank); eval/<name>/loss per store of a mixture."""
         self.engine.eval()
-        totals = torch.zeros(2, device=self.device)  # loss x targets, targets
-        for input_ids in eval_micro_batches(self.splits.val, rank=self.rank, world_size=self.world_size,
-                                            micro_batch_size=self.t.micro_batch_size,
-                                            max_batches=self.t.eval_batches):
-            input_ids = input_ids.to(self.device)
-            out = self.engine(input_ids=input_ids, labels=input_ids)
-            targets = input_ids[:, 1:].numel()
-            totals += torch.stack([out.lm_loss.float() * targets, torch.tensor(float(targets), device=self.device)])
+        totals = torch.zeros(len(self.data.names), 2, device=self.device)  # per store: loss x targets, targets
+        for component in range(len(self.data.names)):
+            for input_ids in self.data.eval_micro_batches(component, rank=self.rank, world_size=self.world_size,
+                                                          micro_batch_size=self.t.micro_batch_size,
+                                                          max_batches=self.t.eval_batches):
+                input_ids = input_ids.to(self.device)
+                out = self.engine(input_ids=input_ids, labels=input_ids)
+                targets = input_ids[:, 1:].numel()
+                totals[component] += torch.stack([out.lm_loss.float() * targets,
+                                                  torch.tensor(float(targets), device=self.device)])
         dist.all_reduce(totals)
         self.engine.train()
-        loss = (totals[0] / totals[1]).item()
-        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 30.0))}
+        loss = (totals[:, 0].sum() / totals[:, 1].sum()).item()
+        metrics = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 30.0))}
+        if len(self.data.names) > 1:
+            for name, (loss_sum, targets) in zip(self.data.names, totals.tolist()):
+                metrics[f"eval/{name}/loss"] = loss_sum / targets
+        return metrics

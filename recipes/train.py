@@ -24,12 +24,13 @@ from moe_recipe.checkpoint import check_resume
 from moe_recipe.config import (
     CONF_DIR,
     RecipeConfig,
+    global_batch_size,
     max_steps,
     recipe_config_from_dict,
     validate,
     world_size_from_env,
 )
-from moe_recipe.data import load_tokenizer, prepare_splits
+from moe_recipe.data import TrainingData, load_tokenizer, open_training_data
 
 log = logging.getLogger("moe_recipe")
 
@@ -70,7 +71,7 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def train(cfg: RecipeConfig, resolved: dict, tokenizer: PreTrainedTokenizerFast) -> None:
+def train(cfg: RecipeConfig, resolved: dict, tokenizer: PreTrainedTokenizerFast, data: TrainingData) -> None:
     import deepspeed
     import torch.distributed as dist
 
@@ -88,13 +89,6 @@ def train(cfg: RecipeConfig, resolved: dict, tokenizer: PreTrainedTokenizerFast)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
         (run_dir / "ds_config.json").write_text(json.dumps(build_deepspeed_config(cfg, world_size), indent=2))
 
-    # Local rank 0 tokenizes and fills the datasets cache; the other ranks then read it.
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        dist.barrier()
-    splits = prepare_splits(cfg.data, tokenizer)
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        dist.barrier()
-
     # Same seed on every rank: identical dense weights, and each global expert identical for any ep_size.
     torch.manual_seed(cfg.trainer.seed)
     model_config = cfg.model_config(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -106,7 +100,7 @@ def train(cfg: RecipeConfig, resolved: dict, tokenizer: PreTrainedTokenizerFast)
     torch.manual_seed(cfg.trainer.seed + rank)  # independent router noise per rank from here on
 
     metrics = MetricsSink(run_dir, cfg.logging, cfg.name, resolved, enabled=rank == 0)
-    trainer = Trainer(engine, cfg, model_config, splits, run_dir, metrics, max_steps(cfg, world_size))
+    trainer = Trainer(engine, cfg, model_config, data, run_dir, metrics, max_steps(cfg, world_size))
     try:
         trainer.fit()
     finally:
@@ -128,13 +122,17 @@ def hydra_main(hydra_cfg: DictConfig) -> None:
         tokenizer = load_tokenizer(cfg.data)
         model_config = validate(cfg, world_size_from_env(), tokenizer_vocab_size=len(tokenizer))
         check_resume(cfg.trainer.resume, Path(cfg.trainer.run_dir) / "checkpoints", model_config)
+        # Memory-mapped token stores; the default store of a small source is built here on first use.
+        world_size = world_size_from_env()
+        data = open_training_data(cfg.data, tokenizer, global_batch_size=global_batch_size(cfg.trainer, world_size),
+                                  eval_batch_size=cfg.trainer.micro_batch_size * world_size)
     except ValueError as err:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"Invalid configuration: {err}", file=sys.stderr)
         else:
             time.sleep(3)  # a launcher kills the other ranks when one exits: let rank 0 print first
         sys.exit(2)
-    train(cfg, resolved, tokenizer)
+    train(cfg, resolved, tokenizer, data)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydoc_data.topics import topics
@@ -9,12 +10,14 @@ from transformers import AutoTokenizer
 from moe_recipe import tokenizer as tokenizer_command
 from moe_recipe.data import (
     DataConfig,
-    eval_micro_batches,
+    build_store,
+    build_store_on_first_use,
+    default_store_path,
     load_documents,
     load_tokenizer,
-    prepare_splits,
+    open_store,
+    open_training_data,
     split_documents,
-    train_micro_batch,
     write_pydoc_corpus,
 )
 
@@ -86,55 +89,57 @@ def test_default_tokenizer_is_committed_and_loads():
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1)
 
 
-def test_packing_concatenates_train_documents_in_order_with_eos(tmp_path, corpus_file, tiny_tokenizer_dir):
-    cfg = files_config(corpus_file, tiny_tokenizer_dir, tmp_path, seq_len=7, val_fraction=0.2, seed=3)
+def test_store_holds_train_documents_in_order_with_eos(tmp_path, corpus_file, tiny_tokenizer_dir):
+    cfg = files_config(corpus_file, tiny_tokenizer_dir, tmp_path, val_fraction=0.2, seed=3)
     tokenizer = load_tokenizer(cfg)
-    splits = prepare_splits(cfg, tokenizer)
+    manifest = build_store(cfg, tokenizer, tmp_path / "store", num_proc=1)
+    store = open_store(tmp_path / "store", "data.store")
 
     train_indices, val_indices = split_documents(len(DOCUMENTS), cfg.val_fraction, cfg.seed)
-    for blocks, indices in ((splits.train, train_indices), (splits.val, val_indices)):
-        expected = []
+    for split, indices in ((store.train, train_indices), (store.val, val_indices)):
+        expected, offsets = [], [0]
         for i in indices:
             expected += tokenizer(DOCUMENTS[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        num_blocks = len(expected) // cfg.seq_len
-        assert blocks.dtype == torch.long
-        assert blocks.shape == (num_blocks, cfg.seq_len)
-        assert blocks.flatten().tolist() == expected[: num_blocks * cfg.seq_len]
-    assert (splits.num_train_documents, splits.num_val_documents) == (16, 4)
+            offsets.append(len(expected))
+        assert split.tokens(0, split.num_tokens).tolist() == expected
+        assert np.load(tmp_path / "store" / f"{split.name}-documents.npy").tolist() == offsets
+        assert split.num_documents == len(indices)
+    assert store.dtype == np.uint16 and manifest["tokenizer"]["vocab_size"] == 300
+    assert manifest["sources"] == [{"path": str(corpus_file), "size_bytes": corpus_file.stat().st_size}]
 
 
-def test_tokenization_cache_is_reused(tmp_path, corpus_file, tiny_tokenizer_dir, monkeypatch):
-    cfg = files_config(corpus_file, tiny_tokenizer_dir, tmp_path, seq_len=8)
-    first = prepare_splits(cfg, load_tokenizer(cfg))
-    cache_files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.arrow")}
-
-    # A fresh tokenizer object (as in a new process) that fails if it is asked to tokenize anything.
+def test_parallel_preparation_writes_the_same_tokens(tmp_path, corpus_file, tiny_tokenizer_dir):
+    cfg = files_config(corpus_file, tiny_tokenizer_dir, tmp_path)
     tokenizer = load_tokenizer(cfg)
+    build_store(cfg, tokenizer, tmp_path / "one", num_proc=1)
+    build_store(cfg, tokenizer, tmp_path / "two", num_proc=2)
+    one, two = open_store(tmp_path / "one", "x"), open_store(tmp_path / "two", "x")
+    assert len(two.train.files_T) == 2  # one file per worker, concatenated in worker order
+    for split in ("train", "val"):
+        a, b = getattr(one, split), getattr(two, split)
+        assert np.array_equal(a.tokens(0, a.num_tokens), b.tokens(0, b.num_tokens))
+    # Blocks that straddle the two files read the same as in the one-file store.
+    rows = np.arange(one.train.num_blocks(7))
+    assert np.array_equal(one.train.blocks(rows, 7), two.train.blocks(rows, 7))
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("tokenized again instead of reading the cache")
 
-    monkeypatch.setattr(type(tokenizer), "__call__", refuse)
-    second = prepare_splits(cfg, tokenizer)
-    assert torch.equal(first.train, second.train) and torch.equal(first.val, second.val)
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.arrow")} == cache_files
-
-
-def test_another_tokenizer_gets_its_own_cache(tmp_path, corpus_file, tiny_tokenizer_dir):
+def test_default_store_is_built_once_and_keyed_by_source_and_tokenizer(tmp_path, corpus_file, tiny_tokenizer_dir):
     cfg = files_config(corpus_file, tiny_tokenizer_dir, tmp_path, seq_len=8)
-    prepare_splits(cfg, load_tokenizer(cfg))
-    default_cfg = files_config(corpus_file, DataConfig().tokenizer, tmp_path, seq_len=8)
-    fresh_cfg = files_config(corpus_file, DataConfig().tokenizer, tmp_path / "fresh", seq_len=8)
-    default_tokenizer = load_tokenizer(default_cfg)
-    reused_cache = prepare_splits(default_cfg, default_tokenizer)
-    assert torch.equal(reused_cache.train, prepare_splits(fresh_cfg, default_tokenizer).train)
+    first = build_store_on_first_use(cfg, load_tokenizer(cfg))
+    mtime = (first / "manifest.json").stat().st_mtime_ns
+    assert build_store_on_first_use(cfg, load_tokenizer(cfg)) == first
+    assert (first / "manifest.json").stat().st_mtime_ns == mtime
+    assert default_store_path(files_config(corpus_file, tiny_tokenizer_dir, tmp_path, seq_len=16)) == first
+    assert default_store_path(files_config(corpus_file, DataConfig().tokenizer, tmp_path)) != first
+    assert default_store_path(files_config(corpus_file, tiny_tokenizer_dir, tmp_path, val_fraction=0.3)) != first
 
 
 def test_train_and_val_are_disjoint_by_document(tmp_path, corpus_file, tiny_tokenizer_dir):
-    cfg = files_config(corpus_file, tiny_tokenizer_dir, tmp_path, seq_len=4, val_fraction=0.25)
+    cfg = files_config(corpus_file, tiny_tokenizer_dir, tmp_path, val_fraction=0.25)
     tokenizer = load_tokenizer(cfg)
-    splits = prepare_splits(cfg, tokenizer)
-    train_markers, val_markers = markers(splits.train, tokenizer), markers(splits.val, tokenizer)
+    store = open_store(build_store_on_first_use(cfg, tokenizer), "x")
+    train_markers = markers(torch.from_numpy(store.train.tokens(0, store.train.num_tokens)), tokenizer)
+    val_markers = markers(torch.from_numpy(store.val.tokens(0, store.val.num_tokens)), tokenizer)
     assert len(val_markers) == 5
     assert train_markers.isdisjoint(val_markers)
     assert len(train_markers | val_markers) == len(DOCUMENTS)
@@ -153,9 +158,9 @@ def test_split_documents_is_seeded_and_keeps_one_document_each():
 
 
 def test_too_little_val_data_raises(tmp_path, corpus_file, tiny_tokenizer_dir):
-    cfg = files_config(corpus_file, tiny_tokenizer_dir, tmp_path, seq_len=512)
-    with pytest.raises(ValueError, match="lower data.seq_len, raise data.val_fraction"):
-        prepare_splits(cfg, load_tokenizer(cfg))
+    cfg = files_config(corpus_file, tiny_tokenizer_dir, tmp_path, seq_len=64)
+    with pytest.raises(ValueError, match="fewer than one eval batch.*raise data.val_fraction"):
+        open_training_data(cfg, load_tokenizer(cfg), global_batch_size=2, eval_batch_size=2)
 
 
 def test_text_files_give_one_document_per_line(tmp_path, tiny_tokenizer_dir):
@@ -164,8 +169,8 @@ def test_text_files_give_one_document_per_line(tmp_path, tiny_tokenizer_dir):
     cfg = DataConfig(source="files", path="text", data_files=[str(text_file)], cache_dir=str(tmp_path / "cache"),
                      tokenizer=str(tiny_tokenizer_dir), seq_len=4)
     assert load_documents(cfg)["text"][:] == DOCUMENTS
-    splits = prepare_splits(cfg, load_tokenizer(cfg))
-    assert splits.num_train_documents + splits.num_val_documents == len(DOCUMENTS)
+    store = open_store(build_store_on_first_use(cfg, load_tokenizer(cfg)), "x")
+    assert store.train.num_documents + store.val.num_documents == len(DOCUMENTS)
 
 
 def test_text_field_and_max_documents(tmp_path, corpus_file):
@@ -220,72 +225,3 @@ def test_settings_without_effect_warn():
 def test_tokenizer_command_rejects_a_vocabulary_without_merges(tmp_path):
     with pytest.raises(ValueError, match="--vocab-size=258"):
         tokenizer_command.main(["--vocab-size", "258", "--output", str(tmp_path / "tok"), "--cache-dir", str(tmp_path)])
-
-
-# Rows hold their own index so that a batch shows which rows it read.
-NUM_ROWS = 10
-BLOCKS = torch.arange(NUM_ROWS).unsqueeze(1).repeat(1, 3)
-
-
-def global_batch_rows(step: int, world_size: int, micro_batch_size: int, grad_accum: int, seed: int = 0) -> list[int]:
-    """All rows of an optimizer step, micro step by micro step, ranks concatenated in rank order."""
-    rows = []
-    for micro_step in range(grad_accum):
-        for rank in range(world_size):
-            batch = train_micro_batch(BLOCKS, step=step, micro_step=micro_step, rank=rank, world_size=world_size,
-                                      micro_batch_size=micro_batch_size, grad_accum=grad_accum, seed=seed)
-            assert batch.shape == (micro_batch_size, 3)
-            rows += batch[:, 0].tolist()
-    return rows
-
-
-def test_train_micro_batch_matches_the_epoch_permutation_formula():
-    rows = []
-    for step in range(5):
-        rows += global_batch_rows(step, world_size=2, micro_batch_size=2, grad_accum=1, seed=7)
-    expected = []
-    for g in range(20):
-        epoch, position = divmod(g, NUM_ROWS)
-        expected.append(torch.randperm(NUM_ROWS, generator=torch.Generator().manual_seed(7 + epoch))[position].item())
-    assert rows == expected
-    # Each epoch reads every row once, in a different order from the next epoch.
-    assert sorted(rows[:10]) == sorted(rows[10:]) == list(range(NUM_ROWS))
-    assert rows[:10] != rows[10:]
-
-
-def test_global_batch_does_not_depend_on_world_size():
-    for step in range(4):
-        for grad_accum in (1, 3):
-            one_rank = global_batch_rows(step, world_size=1, micro_batch_size=4, grad_accum=grad_accum)
-            assert global_batch_rows(step, world_size=2, micro_batch_size=2, grad_accum=grad_accum) == one_rank
-            assert global_batch_rows(step, world_size=4, micro_batch_size=1, grad_accum=grad_accum) == one_rank
-
-
-def test_train_micro_batch_is_pure_so_resuming_needs_only_the_step():
-    kwargs = dict(micro_step=1, rank=1, world_size=2, micro_batch_size=3, grad_accum=2, seed=5)
-    later = train_micro_batch(BLOCKS, step=9, **kwargs)
-    for step in range(9):
-        train_micro_batch(BLOCKS, step=step, **kwargs)
-    assert torch.equal(train_micro_batch(BLOCKS, step=9, **kwargs), later)
-    assert not torch.equal(train_micro_batch(BLOCKS, step=9, **{**kwargs, "seed": 6}), later)
-
-
-def test_train_micro_batch_rejects_out_of_range_positions():
-    kwargs = dict(step=0, world_size=2, micro_batch_size=1, grad_accum=2, seed=0)
-    with pytest.raises(ValueError, match="micro_step=2"):
-        train_micro_batch(BLOCKS, micro_step=2, rank=0, **kwargs)
-    with pytest.raises(ValueError, match="rank=2"):
-        train_micro_batch(BLOCKS, micro_step=0, rank=2, **kwargs)
-
-
-def test_eval_batches_have_equal_count_and_disjoint_rows_per_rank():
-    world_size, micro_batch_size = 3, 2
-    per_rank = [eval_micro_batches(BLOCKS, rank=r, world_size=world_size, micro_batch_size=micro_batch_size)
-                for r in range(world_size)]
-    assert [len(batches) for batches in per_rank] == [1, 1, 1]  # 10 rows // 6 per global batch; 4 rows dropped
-    rows = [row for batches in per_rank for batch in batches for row in batch[:, 0].tolist()]
-    assert sorted(rows) == list(range(6))
-    capped = [eval_micro_batches(BLOCKS, rank=r, world_size=2, micro_batch_size=2, max_batches=1) for r in range(2)]
-    assert [len(batches) for batches in capped] == [1, 1]
-    with pytest.raises(ValueError, match="fewer than one eval batch"):
-        eval_micro_batches(BLOCKS, rank=0, world_size=4, micro_batch_size=3)
