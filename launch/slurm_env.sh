@@ -39,3 +39,10 @@ preflight_plan() {  # $1: nodes, $2: GPUs per node, then the Hydra overrides
     shift 2
     python -m moe_recipe.plan --nodes "$nodes" --gpus-per-node "$gpus" --gpu auto "$@" || [[ $? == 3 ]] || exit 1
 }
+
+# The token store, once per job, before any rank starts: on this (the first) node, moe-prepare-data tokenizes the
+# corpus with every core when the store that the overrides name (data.store, or the source's default store) does not
+# exist yet; the ranks on every node then only read it. Exit 2 (bad data or config) stops the job.
+prepare_data_if_missing() {  # the Hydra overrides
+    python -m moe_recipe.prepare_data --if-missing "$@" || exit $?
+}

@@ -26,8 +26,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="moe-prepare-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training config (data.*, +experiment=...)")
-    parser.add_argument("--num-proc", type=int, default=os.cpu_count(),
-                        help="Tokenizer processes (default: every core, %(default)s here).")
+    parser.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)),
+                        help="Tokenizer processes (default: every core this process may use, %(default)s here).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing store (kept until the new one "
                         "is complete).")
     parser.add_argument("--if-missing", action="store_true",

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from moe_recipe.config import (DataConfig, LoggingConfig, OptimConfig, ParallelConfig, RecipeConfig, TrainerConfig,
                                ZeroConfig)
-from moe_recipe.data import PackedSplits
+from moe_recipe.data import TrainingData, load_tokenizer, open_store, store_from_tokens, tokenizer_fingerprint
+from moe_recipe.data.sampler import Component
 from moe_recipe.engine import build_model, initialize_engine
 from moe_recipe.metrics import MetricsSink
 from moe_recipe.trainer import Trainer
@@ -41,7 +42,17 @@ args = parser.parse_args()
 deepspeed.init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
 blocks = torch.randint(0, VOCAB, (96, SEQ), generator=torch.Generator().manual_seed(1))
-splits = PackedSplits(train=blocks[:64], val=blocks[64:], num_train_documents=64, num_val_documents=32)
+# A token store of 64 train and 32 val blocks, written by rank 0 as nanoGPT-style token files, read by every rank.
+store_dir = Path(json.loads(args.jobs)[0]["run_dir"]).parent / "token-store"
+if rank == 0:
+    store_dir.mkdir(parents=True, exist_ok=True)
+    blocks[:64].numpy().astype("uint16").tofile(store_dir / "train.bin")
+    blocks[64:].numpy().astype("uint16").tofile(store_dir / "val.bin")
+    tokenizer = load_tokenizer(DataConfig())
+    store_from_tokens([store_dir / "train.bin"], [store_dir / "val.bin"], tokenizer, "assets/tokenizer",
+                      tokenizer_fingerprint(DataConfig()), store_dir, val_fraction=0.05, overwrite=True)
+dist.barrier()
+data = TrainingData([Component("main", open_store(store_dir, "data.store"), 1.0)], SEQ, seed=0)
 
 for job in json.loads(args.jobs):
     cfg = RecipeConfig(
@@ -64,12 +75,12 @@ for job in json.loads(args.jobs):
     engine = initialize_engine(build_model(model_config, cfg.parallel.ep_size), cfg, world)
     torch.manual_seed(cfg.trainer.seed + rank)
     metrics = MetricsSink(run_dir, cfg.logging, "test", {}, enabled=rank == 0)
-    Trainer(engine, cfg, model_config, splits, run_dir, metrics, STEPS).fit()
+    Trainer(engine, cfg, model_config, data, run_dir, metrics, STEPS).fit()
     metrics.close()
     if "logits" in job:  # the trained model's own logits, at its layout, on the same input on every rank
         engine.eval()
         with torch.no_grad():
-            logits = engine(input_ids=splits.val[:2]).logits
+            logits = engine(input_ids=blocks[64:66]).logits
         if rank == 0:
-            torch.save({"input_ids": splits.val[:2], "logits": logits}, job["logits"])
+            torch.save({"input_ids": blocks[64:66], "logits": logits}, job["logits"])
     dist.barrier()

@@ -115,6 +115,7 @@ def test_two_nodes_match_one_node(slurm, workdir, reference, script):
     assert (job["NodeList"], job["BatchHost"], job["NumNodes"]) == ("n[1-2]", "n1", "2")
     log = job_log(run_dir, job_id)
     assert f"on n[1-2]: run dir {run_dir}, master n1:" in log
+    assert log.count("Token store ") == 1  # moe-prepare-data --if-missing ran once, in the batch script
     if script == "slurm_deepspeed.sbatch":  # one launcher per node, each knowing its line of the hostfile
         assert (run_dir / "hostfile").read_text() == "n1 slots=1\nn2 slots=1\n"
         for node_rank in (0, 1):
