@@ -14,8 +14,8 @@ import pytest
 
 from moe_recipe.data import DataConfig, default_store_path, load_tokenizer, open_training_data
 from moe_recipe.prepare_data import main as prepare_main
-from tests.distributed.launch import REPO, run_command, train_rows
-from tests.distributed.launch import test_env as launch_env
+from tests.helpers import REPO, run_command, train_rows
+from tests.helpers import process_env as launch_env
 
 TRAIN = REPO / "recipes" / "train.py"
 PREPARE = shutil.which("moe-prepare-data", path=str(Path(sys.executable).parent))
