@@ -17,7 +17,6 @@ renamed into place. Nothing reads a folder without its manifest, and the manifes
 import contextlib
 import fcntl
 import json
-import mmap
 import os
 import shutil
 import socket
@@ -41,10 +40,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass
 class TokenSplit:
-    """One split of a store: the concatenation of its token files, memory-mapped read-only (no copy per rank)."""
+    """One split of a store: the concatenation of its token files, memory-mapped (no copy in this process)."""
 
     name: str
-    files_T: list[np.ndarray]
+    files_T: list[np.memmap]
     starts: np.ndarray
     """[files + 1] first token of each file in the concatenation, then the total."""
     num_documents: int | None
@@ -130,11 +129,8 @@ def open_store(path: Path, setting: str) -> TokenStore:
                 raise ValueError(f"{setting}: {file} has {size} bytes but the manifest of {path} says "
                                  f"{entry['file_bytes']} (truncated or replaced); prepare the store again with "
                                  "moe-prepare-data --overwrite.")
-            with file.open("rb") as f:
-                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            # Blocks are read at random: read-ahead would pull their neighbours into every rank's RSS.
-            mapped.madvise(mmap.MADV_RANDOM)
-            files.append(np.frombuffer(mapped, dtype=dtype, count=entry["num_tokens"], offset=entry["offset_bytes"]))
+            files.append(np.memmap(file, dtype=dtype, mode="r", offset=entry["offset_bytes"],
+                                   shape=(entry["num_tokens"],)))
             starts.append(starts[-1] + entry["num_tokens"])
         if starts[-1] != info["num_tokens"]:
             raise ValueError(f"{setting}: the {split} files of {path} hold {starts[-1]} tokens but the manifest "
