@@ -70,8 +70,9 @@ PRESETS = {
     # Mixtral-shaped, coarse experts.
     "h100": BenchShape(layers=8, hidden=1024, heads=16, kv_heads=8, experts=8, expert_size=2816, top_k=2,
                        seq=2048, batch=8, vocab=32000, warmup=3, steps=10),
-    # Fine-grained experts: 64 experts of 1024, top-8.
-    "fine": BenchShape(layers=8, hidden=2048, heads=16, kv_heads=8, experts=64, expert_size=1024, top_k=8,
+    # Fine-grained experts (DeepSeekMoE / OLMoE style): h100's shape with 64 experts of 704, top-8, so the same
+    # expert FLOPs per token (k * F = 5632) spread over 8x as many, 4x smaller experts. About a minute on an H100.
+    "fine": BenchShape(layers=8, hidden=1024, heads=16, kv_heads=8, experts=64, expert_size=704, top_k=8,
                        seq=2048, batch=8, vocab=32000, warmup=3, steps=10),
 }
 HF_VARIANTS = {"hf-eager": "eager", "hf-grouped_mm": "grouped_mm"}
@@ -204,7 +205,7 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 
 def time_train_steps(variant: Variant, shape: BenchShape, device: torch.device, dtype: torch.dtype,
-                     peak_flops: float) -> dict:
+                     peak_flops: float, profile_steps: int = 0) -> dict:
     reset_memory(device)
     model = build_model(variant, shape, device, dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -226,6 +227,7 @@ def time_train_steps(variant: Variant, shape: BenchShape, device: torch.device, 
                 tokens_per_expert_LE.append(out.tokens_per_expert.detach())
                 dropped_fraction_L.append(out.dropped_fraction.detach())
         del out
+    kernels = profile_train_steps(model, optimizer, batches_BS[-profile_steps:], device) if profile_steps else None
     seconds = statistics.median(step_seconds)
     tokens = shape.batch * shape.seq
     result = {
@@ -238,9 +240,35 @@ def time_train_steps(variant: Variant, shape: BenchShape, device: torch.device, 
     }
     if variant.is_ours:
         result.update(routing_stats(torch.stack(tokens_per_expert_LE), torch.stack(dropped_fraction_L)))
+    if kernels is not None:
+        result["profile_table"], result["top_kernels"] = kernels
     del model, optimizer
     reset_memory(device)
     return result
+
+
+def profile_train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches_BS: list[torch.Tensor],
+                        device: torch.device, rows: int = 25) -> tuple[str, list[dict]]:
+    """Untimed extra steps under torch.profiler: the key_averages table and its top rows by self time on the
+    device (CUDA kernels; CPU ops on CPU)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for input_ids_BS in batches_BS:
+            out = model(input_ids=input_ids_BS, labels=input_ids_BS, use_cache=False)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del out
+        synchronize(device)
+    averages = prof.key_averages()
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(averages, key=lambda event: getattr(event, sort_by), reverse=True)
+    total_us = sum(getattr(event, sort_by) for event in averages) or 1.0
+    top = [{"name": event.key, "calls": event.count, "self_ms_per_step": getattr(event, sort_by) / 1e3 / len(batches_BS),
+            "self_pct": 100 * getattr(event, sort_by) / total_us} for event in events[:rows]]
+    return averages.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60), top
 
 
 def routing_stats(tokens_per_expert_NLE: torch.Tensor, dropped_fraction_NL: torch.Tensor) -> dict:
@@ -343,6 +371,12 @@ def parse_args() -> argparse.Namespace:
                      help="peak dense FLOP/s of the device in this dtype, for MFU (H100/H200 SXM bf16: 989)")
     run.add_argument("--no-block", action="store_true", help="skip the single MoE block micro-benchmark")
     run.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    run.add_argument("--profile", metavar="FILE", help="after timing, profile --profile-steps more training steps of "
+                     "each of --profile-variants and write torch.profiler's top-kernel tables to FILE (and the top "
+                     "rows to the JSON)")
+    run.add_argument("--profile-variants", nargs="+", default=["ours", "ours-autoep", "hf-grouped_mm"],
+                     help="variants to profile with --profile (those that run)")
+    run.add_argument("--profile-steps", type=int, default=2, help="profiled steps per variant with --profile")
     shape = parser.add_argument_group("shape overrides (on top of the preset)")
     for flag, help_text in [("layers", "decoder layers, all MoE"), ("hidden", "hidden size D"),
                             ("heads", "attention heads"), ("kv-heads", "key/value heads"),
@@ -381,7 +415,9 @@ def main() -> None:
             print(f"skipping hf-grouped_mm: {reason}")
             variants = [v for v in variants if v.experts_implementation != "grouped_mm"]
 
-    steps = [time_train_steps(v, shape, device, dtype, peak_flops) for v in variants]
+    profiled = set(args.profile_variants) if args.profile else set()
+    steps = [time_train_steps(v, shape, device, dtype, peak_flops, args.profile_steps if v.name in profiled else 0)
+             for v in variants]
     if len({r["params"] for r in steps}) > 1:
         raise RuntimeError(f"models differ in size, so the dimensions do not match: "
                            f"{ {r['variant']: r['params'] for r in steps} }")
@@ -412,6 +448,13 @@ def main() -> None:
         env["loadavg_1min_end"] = os.getloadavg()[0]
         print(f"\n1-minute load average: {env['loadavg_1min_start']:.2f} at start, {env['loadavg_1min_end']:.2f} at end "
               f"(this benchmark alone adds about {torch.get_num_threads()})")
+    if args.profile:
+        with open(args.profile, "w") as out:
+            for r in steps:
+                if "profile_table" in r:
+                    out.write(f"## {r['variant']}: {args.profile_steps} training steps, {env['device']}, preset {preset}\n"
+                              f"{r.pop('profile_table')}\n")
+        print(f"\nwrote {args.profile}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"env": env, "shape": asdict(shape), "train_step": steps, "moe_block": blocks}, out, indent=2)
