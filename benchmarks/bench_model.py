@@ -266,7 +266,8 @@ def profile_train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batc
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(averages, key=lambda event: getattr(event, sort_by), reverse=True)
     total_us = sum(getattr(event, sort_by) for event in averages) or 1.0
-    top = [{"name": event.key, "calls": event.count, "self_ms_per_step": getattr(event, sort_by) / 1e3 / len(batches_BS),
+    top = [{"name": event.key, "calls": event.count,
+            "self_ms_per_step": getattr(event, sort_by) / 1e3 / len(batches_BS),
             "self_pct": 100 * getattr(event, sort_by) / total_us} for event in events[:rows]]
     return averages.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60), top
 
@@ -452,8 +453,8 @@ def main() -> None:
         with open(args.profile, "w") as out:
             for r in steps:
                 if "profile_table" in r:
-                    out.write(f"## {r['variant']}: {args.profile_steps} training steps, {env['device']}, preset {preset}\n"
-                              f"{r.pop('profile_table')}\n")
+                    out.write(f"## {r['variant']}: {args.profile_steps} training steps, {env['device']}, "
+                              f"preset {preset}\n{r.pop('profile_table')}\n")
         print(f"\nwrote {args.profile}")
     if args.json:
         with open(args.json, "w") as out:

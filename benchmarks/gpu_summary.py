@@ -177,7 +177,8 @@ def planner_verdict(results: dict) -> dict:
     return {"preset": "-", "target": f"planner peak memory within {PLANNER_MAX_ERROR:.0%} of measured",
             "detail": f"worst of {len(rows)} cases, torch.cuda.max_memory_allocated",
             **verdict(None if worst is None else 100 * worst, worst is not None and worst <= PLANNER_MAX_ERROR,
-                      why_unmeasured(results, "gpu-tests", "the peak-memory test wrote no rows (skipped without CUDA)")),
+                      why_unmeasured(results, "gpu-tests",
+                                     "the peak-memory test wrote no rows (skipped without CUDA)")),
             "unit": "% off"}
 
 
@@ -220,7 +221,7 @@ def render(results: dict) -> str:
     verdicts = target_verdicts(results)
     lines += ["", f"## Targets (set for preset `{TARGET_PRESET}`; `fine` is held to the same bars for reference)", ""]
     lines += table(["preset", "target", "measured", "verdict", "what"],
-                   [[v["preset"], v["target"], fmt(v["value"], ".2f") + (f" {v['unit']}" if v["value"] is not None else ""),
+                   [[v["preset"], v["target"], "-" if v["value"] is None else f"{v['value']:.2f} {v['unit']}",
                      v["verdict"], v["detail"]] for v in verdicts])
 
     for preset in PRESETS:
@@ -241,8 +242,8 @@ def render(results: dict) -> str:
         if bench.get("moe_block"):
             lines += ["", "MoE block forward + backward:", ""]
             lines += table(["variant", "fwd+bwd ms", "TFLOP/s", "% of peak"],
-                           [[r["variant"], f"{r['fwd_bwd_ms']:.2f}", f"{r['tflops']:.1f}", fmt(r.get("pct_peak"), ".1f")]
-                            for r in bench["moe_block"]])
+                           [[r["variant"], f"{r['fwd_bwd_ms']:.2f}", f"{r['tflops']:.3g}",
+                             fmt(r.get("pct_peak"), ".1f")] for r in bench["moe_block"]])
 
     missed = {v["preset"] for v in verdicts if v["verdict"] == "MISS" and v["preset"] in PRESETS}
     for preset in PRESETS:
@@ -271,14 +272,18 @@ def render(results: dict) -> str:
                          if t["message"] else ""] for t in results["gpu_tests"]])
 
     lines += ["", "## Training: model=small, 30 steps, one device, the run's own metrics.jsonl", ""]
+    lines += ["The metrics are logged before the final checkpoint is saved: a step that timed out during the save "
+              "still has them.", ""]
     rows = []
     for backend, run in results["training"].items():
         if run is None:
             rows.append([backend, why_unmeasured(results, f"train-{backend}", "no metrics.jsonl"), "-", "-", "-"])
         else:
-            rows.append([backend, f"steps {run['windows'][0]['step']}..{run['last_step']}",
+            step = step_of(results, f"train-{backend}")
+            rows.append([backend, f"logged at steps {', '.join(str(w['step']) for w in run['windows'])}; step "
+                         + (step["status"] if step else "did not run"),
                          f"{run['tokens_per_s']:,.0f}", fmt(run["mfu_pct"], ".1f"), f"{run['loss']:.3f}"])
-    lines += table(["backend", "logged", "tokens/s (last window)", "MFU %", "loss"], rows)
+    lines += table(["backend", "run", "tokens/s (last window)", "MFU %", "loss"], rows)
 
     failed = [s for s in results["steps"] if s["status"] != "ok"]
     if failed:
