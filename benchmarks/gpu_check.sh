@@ -46,8 +46,8 @@ if [ "$REHEARSAL" = 1 ]; then
   H100_ARGS=(--preset cpu --layers 2 --seq 64 --batch 2 --warmup 1 --steps 2)
   FINE_ARGS=(--preset fine --variants ours hf-grouped_mm --capacity-factors 1.0 --layers 1 --hidden 128 --heads 4
              --kv-heads 2 --expert-size 64 --seq 64 --batch 2 --vocab 512 --warmup 1 --steps 2)
-  TRAIN_ARGS=(model=tiny trainer.precision=fp32 trainer.max_steps=3 trainer.log_interval=1 data.seq_len=128
-              trainer.micro_batch_size=4)
+  TRAIN_ARGS=(model=tiny trainer.precision=fp32 trainer.max_steps=3 trainer.log_interval=1 optim.warmup_steps=1
+              data.seq_len=128 trainer.micro_batch_size=4)
   # pip leaves the launcher of the venv: the deepspeed launcher's children need no PYTHONPATH there.
   export PYTHONPATH=$REPO
 else

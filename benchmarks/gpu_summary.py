@@ -31,13 +31,19 @@ LOG_TAIL_LINES = 400
 # --- collect ---------------------------------------------------------------------------------------------------------
 
 
-def read_steps(path: Path) -> list[dict]:
-    """steps.tsv, one line per step from gpu_check.sh: name, exit status (-1: not run), seconds, timeout, command."""
+def read_steps(work: Path) -> list[dict]:
+    """steps.tsv, one line per step from gpu_check.sh: name, exit status (-1: not run), seconds, timeout, command;
+    a failed step also gets the end of its log."""
     steps = []
+    path = work / "steps.tsv"
     for line in path.read_text().splitlines() if path.exists() else []:
         name, rc, seconds, timeout, command = line.split("\t", 4)
-        steps.append({"name": name, "rc": int(rc), "seconds": float(seconds), "timeout_s": int(timeout),
-                      "command": command, "status": step_status(int(rc), int(timeout))})
+        step = {"name": name, "rc": int(rc), "seconds": float(seconds), "timeout_s": int(timeout),
+                "command": command, "status": step_status(int(rc), int(timeout))}
+        log = work / "logs" / f"{name}.log"
+        if step["rc"] != 0 and log.exists():
+            step["log_tail"] = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-8:]
+        steps.append(step)
     return steps
 
 
@@ -106,7 +112,7 @@ def collect(work: Path) -> dict:
     return {
         "mode": (work / "mode").read_text().strip() if (work / "mode").exists() else "gpu",
         "env": read_json(work / "env.json"),
-        "steps": read_steps(work / "steps.tsv"),
+        "steps": read_steps(work),
         "bench": {preset: read_json(work / f"bench-{preset}.json") for preset in PRESETS},
         "gpu_tests": read_junit(work / "gpu-tests.xml"),
         "planner_peak": read_planner_rows(work / "pytest-tmp"),
@@ -271,7 +277,8 @@ def render(results: dict) -> str:
                        [[t["test"], t["outcome"], f"{t['seconds']:.1f}", t["message"].splitlines()[0][:150]
                          if t["message"] else ""] for t in results["gpu_tests"]])
 
-    lines += ["", "## Training: model=small, 30 steps, one device, the run's own metrics.jsonl", ""]
+    lines += ["", "## Training: the deepspeed launcher, one device (overrides in the step's command)", "",
+              "tokens/s and MFU of the last logged window, from the run's own metrics.jsonl."]
     lines += ["The metrics are logged before the final checkpoint is saved: a step that timed out during the save "
               "still has them.", ""]
     rows = []
@@ -287,9 +294,11 @@ def render(results: dict) -> str:
 
     failed = [s for s in results["steps"] if s["status"] != "ok"]
     if failed:
-        lines += ["", "## Failed steps", "", "Their logs are in `logs.txt`."]
+        lines += ["", "## Failed steps", "", "The end of each log (all of it in `logs.txt`):"]
         for step in failed:
             lines += ["", f"- `{step['name']}`: {step['status']}"]
+            if step.get("log_tail"):
+                lines += ["", "```", *(line[:200] for line in step["log_tail"]), "```"]
     return "\n".join(lines) + "\n"
 
 
