@@ -17,7 +17,8 @@ def test_dry_run_lists_the_four_steps_and_its_checks_pass():
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     lines = proc.stdout.splitlines()
-    commands = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in STEPS}
+    listing, checks = lines[:lines.index("checks:")], lines[lines.index("checks:") + 1:]
+    commands = {line.split()[0]: line for line in listing if line.split() and line.split()[0] in STEPS}
     assert list(commands) == STEPS, proc.stdout
     assert "--preset h100 --backend deepspeed autoep" in commands["bench-h100"]
     assert "--preset fine" in commands["bench-fine"] and "--profile" in commands["bench-fine"]
@@ -25,7 +26,7 @@ def test_dry_run_lists_the_four_steps_and_its_checks_pass():
     assert "deepspeed.launcher.runner --num_gpus 1" in commands["train-native"]
     assert "model=small" in commands["train-native"] and "trainer.precision=bf16" in commands["train-native"]
     assert "model.moe_backend=autoep model.drop_tokens=false" in commands["train-autoep"]
-    checks = {line.split(":")[0].strip(): line for line in lines[lines.index("checks:") + 1:] if line.startswith("  ")}
+    checks = {line.split(":")[0].strip(): line for line in checks if line.startswith("  ")}
     # The wheels are built on demand (scripts/build_gpu_wheels.sh), so a checkout may lack them; the rest must pass.
     for name in ["presets", "train-native overrides", "train-autoep overrides", "gpu tests"]:
         assert ": ok" in checks[name], proc.stdout + proc.stderr
