@@ -250,7 +250,12 @@ def check_resume(resume: str, checkpoint_dir: Path, config: MoeConfig) -> Path |
     (complete, undamaged, same model) so that a bad one stops every rank with one message."""
     path = resolve_resume_dir(resume, checkpoint_dir)
     if path is not None:
-        check_model_matches(read_manifest(path), config, path)
+        manifest = read_manifest(path)
+        check_model_matches(manifest, config, path)
+        if manifest["scheduler"] is not None and "last_epoch" not in manifest["scheduler"]:
+            raise ValueError(f"checkpoint {path} holds the LR schedule of DeepSpeed's WarmupCosineLR, which this "
+                             "version replaced (moe_recipe/lr_schedule.py); resuming would restart the schedule. "
+                             "Finish that run with the version that started it, or use a new trainer.run_dir.")
     return path
 
 
@@ -290,9 +295,10 @@ def load_checkpoint(engine, folder: Path) -> int:
         load_portable_state(engine, folder, manifest["tensors"], manifest["optimizer"])
         scheduler = engine.lr_scheduler
         if scheduler is not None and manifest["scheduler"] is not None:
-            scheduler.load_state_dict(manifest["scheduler"])
-            # A native load restores the optimizer's lr with its state; here the scheduler sets it again.
-            scheduler.step(scheduler.last_batch_iteration)
+            # The schedule is a function of its position (steps taken). A native load restores the optimizer's lr
+            # with its state; here stepping to the saved position sets it, in every param group of this layout.
+            scheduler.last_epoch = manifest["scheduler"]["last_epoch"] - 1
+            scheduler.step()
         counters = manifest["engine"]
         engine.global_steps = counters["global_steps"]
         engine.global_samples = counters["global_samples"]

@@ -10,6 +10,7 @@ from moe_model import MoeConfig
 from moe_model.configuration_moe import backends_with
 
 from .data import DataConfig
+from .lr_schedule import SCHEDULES, decay_steps
 
 # The Hydra config groups. An absolute path: `python recipes/train.py`, the installed `moe-train` and `moe-plan`
 # all compose the same conf/.
@@ -37,9 +38,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1  # not applied to norms and biases
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 20  # linear warmup: step s of the first warmup_steps trains at lr * s / warmup_steps
+    min_lr_ratio: float = 0.1  # the last step trains at lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables clipping
+    schedule: str = "cosine"  # cosine: decay from the end of warmup; wsd: constant, then decay at the end
+    decay_fraction: float = 0.1  # wsd only: the share of the steps over which the lr decays (linearly)
 
 
 @dataclass
@@ -155,15 +158,33 @@ def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | Non
     if model.backend_support.capacity and model.num_experts_per_tok == 1 and tokens_per_rank < model.min_capacity:
         raise ValueError(f"micro_batch_size * seq_len = {tokens_per_rank} tokens is below model.min_capacity="
                          f"{model.min_capacity}; DeepSpeed's top-1 gate needs at least that many tokens per rank.")
-    if cfg.optim.lr <= 0 or not 0 <= cfg.optim.min_lr_ratio <= 1:
-        raise ValueError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1].")
-    if cfg.optim.warmup_steps >= max_steps(cfg, world_size):
-        raise ValueError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be below the number of steps "
-                         f"{max_steps(cfg, world_size)}.")
+    validate_schedule(cfg.optim, max_steps(cfg, world_size))
     if cfg.logging.wandb_mode not in WANDB_MODES:
         raise ValueError(f"logging.wandb_mode={cfg.logging.wandb_mode!r} must be one of {WANDB_MODES}.")
     cfg.data.validate()
     return model
+
+
+def validate_schedule(o: OptimConfig, total_steps: int) -> None:
+    if o.lr <= 0:
+        raise ValueError(f"optim.lr={o.lr} must be > 0.")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1] (the last step's lr / optim.lr).")
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule={o.schedule!r} is unknown; set it to one of {SCHEDULES}.")
+    if o.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
+    if o.warmup_steps >= total_steps:
+        raise ValueError(f"optim.warmup_steps={o.warmup_steps} must be below the number of steps {total_steps}.")
+    if o.schedule == "wsd":
+        if not 0 < o.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction={o.decay_fraction} must lie in (0, 1], e.g. 0.1 (the last 10% "
+                             "of the steps decay).")
+        decay = decay_steps(total_steps, o.decay_fraction)
+        if o.warmup_steps + decay > total_steps:
+            raise ValueError(f"optim.warmup_steps={o.warmup_steps} plus the {decay} decay steps (optim.decay_fraction="
+                             f"{o.decay_fraction} of {total_steps}) exceed the {total_steps} steps; lower "
+                             "optim.warmup_steps or optim.decay_fraction.")
 
 
 def max_steps(cfg: RecipeConfig, world_size: int) -> int:

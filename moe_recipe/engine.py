@@ -10,6 +10,7 @@ from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import autoep_layer_settings
 
 from .config import RecipeConfig, global_batch_size, max_steps
+from .lr_schedule import build_lr_scheduler
 
 
 def resolve_precision(precision: str) -> str:
@@ -22,7 +23,6 @@ def build_deepspeed_config(cfg: RecipeConfig, world_size: int) -> dict:
     """The DeepSpeed config, derived from the recipe config (never written by hand)."""
     t, z, o = cfg.trainer, cfg.zero, cfg.optim
     precision = resolve_precision(t.precision)
-    total_steps = max_steps(cfg, world_size)
     zero = {"stage": z.stage}
     if z.stage > 0:
         zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=True, reduce_bucket_size=z.reduce_bucket_size,
@@ -40,16 +40,6 @@ def build_deepspeed_config(cfg: RecipeConfig, world_size: int) -> dict:
         # The recipe hands DeepSpeed a torch AdamW (fused on GPU); ZeRO accepts it, offload runs its step on CPU.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": total_steps,
-                "warmup_num_steps": o.warmup_steps,
-                "warmup_type": "linear",
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": o.min_lr_ratio,
-            },
-        },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -110,8 +100,16 @@ def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, world_size: int)
     ds_config = build_deepspeed_config(cfg, world_size)
     # A callable: DeepSpeed builds the optimizer once AutoEP (if enabled) has replaced the MoE blocks, so the groups
     # hold AutoEP's expert parameters, tagged for their expert-parallel group, and never the discarded ones.
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=lambda _: build_optimizer(model, cfg),
-                                           config=ds_config)
+    # The scheduler, also a callable, gets that optimizer; DeepSpeed steps it after each optimizer step.
+    o = cfg.optim
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=lambda _: build_optimizer(model, cfg),
+        lr_scheduler=lambda optimizer: build_lr_scheduler(
+            optimizer, schedule=o.schedule, total_steps=max_steps(cfg, world_size), warmup_steps=o.warmup_steps,
+            min_lr_ratio=o.min_lr_ratio, decay_fraction=o.decay_fraction),
+        config=ds_config,
+    )
     for layer in (m for m in model.modules() if isinstance(m, MoE)):
         assert groups._get_expert_parallel_rank(layer.expert_group_name) == model.ep_rank, \
             "the model was built for another place in the expert-parallel group than DeepSpeed gave this rank"

@@ -118,6 +118,7 @@ class Trainer:
                     break
 
     def train_step(self, step: int) -> None:
+        self.step_lr = self.engine.get_lr()[0]  # what this step trains with; the scheduler moves on after it
         for micro_step in range(self.t.grad_accum):
             input_ids = self.data.train_micro_batch(
                 step=step, micro_step=micro_step, rank=self.rank, world_size=self.world_size,
@@ -135,7 +136,7 @@ class Trainer:
         achieved_flops = self.flops_per_token * tokens_per_s / self.world_size
         metrics = {f"train/{name}": value for name, value in totals.losses.items()}
         metrics.update({
-            "train/lr": self.engine.get_lr()[0],
+            "train/lr": self.step_lr,
             "perf/tokens_per_s": tokens_per_s,
             "perf/flops_per_s_per_device": achieved_flops,
         })

@@ -36,7 +36,8 @@ MODEL = dict(
 parser = argparse.ArgumentParser()
 parser.add_argument("--jobs", required=True,
                     help="JSON list of {run_dir, ep_size, zero_stage, and optionally offload, precision, resume, "
-                         "checkpoint_interval, model (overrides of MODEL), logits (a file to write)}")
+                         "checkpoint_interval, model (overrides of MODEL), optim (OptimConfig fields), logits (a file "
+                         "to write)}")
 args = parser.parse_args()
 
 deepspeed.init_distributed()
@@ -59,7 +60,7 @@ for job in json.loads(args.jobs):
         model={**MODEL, **job.get("model", {})},
         parallel=ParallelConfig(ep_size=job["ep_size"]),
         zero=ZeroConfig(stage=job["zero_stage"], offload_optimizer=job.get("offload", False)),
-        optim=OptimConfig(lr=1e-2, warmup_steps=2),
+        optim=OptimConfig(**{"lr": 1e-2, "warmup_steps": 2, **job.get("optim", {})}),
         data=DataConfig(seq_len=SEQ),
         trainer=TrainerConfig(micro_batch_size=MICRO_BATCH, grad_accum=GLOBAL_BATCH // (MICRO_BATCH * world),
                               max_steps=STEPS, precision=job.get("precision", "fp32"), eval_interval=100,

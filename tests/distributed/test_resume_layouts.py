@@ -29,10 +29,12 @@ CASES = {
     "ep2xdp2_to_ep4": ((4, 2), (4, 4)),
 }
 # Beyond the stage matrix, (saved, resumed) jobs: ZeRO-Offload into EP 2 x DP 2 (experts partitioned over their
-# expert-data-parallel pair), and bf16 weights resumed at another layout and ZeRO stage.
+# expert-data-parallel pair), with the WSD schedule decaying over the resumed steps 4-6; and bf16 weights resumed at
+# another layout and ZeRO stage.
+WSD = {"schedule": "wsd", "decay_fraction": 0.5}
 OTHER_CASES = {
-    "offload_ep2_to_ep2xdp2": ({"world": 2, "ep_size": 2, "zero_stage": 2, "offload": True},
-                               {"world": 4, "ep_size": 2, "zero_stage": 2, "offload": True}),
+    "offload_ep2_to_ep2xdp2": ({"world": 2, "ep_size": 2, "zero_stage": 2, "offload": True, "optim": WSD},
+                               {"world": 4, "ep_size": 2, "zero_stage": 2, "offload": True, "optim": WSD}),
     "bf16_ep2z2_to_ep1z1": ({"world": 2, "ep_size": 2, "zero_stage": 2, "precision": "bf16"},
                             {"world": 1, "ep_size": 1, "zero_stage": 1, "precision": "bf16"}),
 }
@@ -112,7 +114,7 @@ def assert_resumed_like_uninterrupted(saved: Path, resumed: Path) -> None:
             if key in expected[step]:  # DeepSpeed keeps no grad norm at ZeRO stage 0
                 assert row[key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
     final = json.loads((checkpoint(resumed, STEPS) / "checkpoint.json").read_text())
-    assert final["optimizer"]["step"] == STEPS and final["scheduler"] == {"last_batch_iteration": STEPS - 1}
+    assert final["optimizer"]["step"] == STEPS and final["scheduler"]["last_epoch"] == STEPS
     # Every weight and moment, each expert's under its global id, ends where the uninterrupted run's did.
     reference, state = portable_tensors(checkpoint(saved, STEPS)), portable_tensors(checkpoint(resumed, STEPS))
     assert state.keys() == reference.keys()
@@ -135,6 +137,9 @@ def test_zero_offload_resume_into_ep2xdp2_matches_the_uninterrupted_run(runs):
     assert_resumed_like_uninterrupted(runs / "offload_ep2_to_ep2xdp2_save", runs / "offload_ep2_to_ep2xdp2_resume")
     layout = json.loads((checkpoint(runs / "offload_ep2_to_ep2xdp2_resume", STEPS) / "checkpoint.json").read_text())
     assert layout["layout"]["offload_optimizer"] and layout["layout"]["world_size"] == 4
+    # WSD, lr 1e-2, warmup 2, decay over the last half: steps 1-6 at 0.5, 1, 1, then linearly down to 0.1 of lr.
+    lrs = [row["train/lr"] for _, row in sorted(train_rows(runs / "offload_ep2_to_ep2xdp2_resume").items())]
+    assert lrs == pytest.approx([1e-2 * 0.7, 1e-2 * 0.4, 1e-2 * 0.1], rel=1e-12)
 
 
 def test_bf16_resume_at_another_layout_and_zero_stage(runs):

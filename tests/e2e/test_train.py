@@ -1,6 +1,7 @@
 """The real entry points as a user runs them: the deepspeed launcher, torchrun, the console command, Hydra overrides."""
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -74,6 +75,10 @@ def test_resume_gives_the_same_losses_as_one_run(tmp_path):
     for step in expected:
         for key in ("train/loss", "train/lm_loss", "train/aux_loss", "train/lr", "train/grad_norm"):
             assert resumed[step][key] == pytest.approx(expected[step][key], rel=1e-6, abs=1e-7), (step, key)
+    # The default lr 3e-3 with 2 warmup steps, then a cosine over steps 2-6 down to 0.1 of it.
+    cosine = [0.1 + 0.45 * (1 + math.cos(math.pi * k / 4)) for k in range(1, 5)]
+    assert [expected[step]["train/lr"] for step in range(1, 7)] == pytest.approx(
+        [3e-3 * f for f in [0.5, 1.0, *cosine]], rel=1e-12)
 
 
 @pytest.mark.parametrize(
