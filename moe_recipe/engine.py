@@ -1,5 +1,9 @@
 """DeepSpeed wiring in one place: the DeepSpeed config, MoE optimizer groups, the engine."""
 
+import sys
+import time
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
@@ -77,6 +81,43 @@ def build_optimizer(model: nn.Module, cfg: RecipeConfig) -> torch.optim.Optimize
     groups = build_param_groups(model, o.weight_decay)
     fused = get_accelerator().device_name() == "cuda" and not cfg.zero.offload_optimizer
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
+
+
+# On CPU, deepspeed.init_distributed loads this op, which torch JIT-builds on first use (scripts/setup_venv.sh builds it).
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def check_op_build_lock(op_name: str = SHM_COMM_OP, stale_after_s: float = 300.0) -> None:
+    """Stop with a message instead of hanging when a killed process left torch's JIT-build lock for `op_name`.
+
+    torch builds an op under `<TORCH_EXTENSIONS_DIR>/<python>_<device>/<op>/lock`, a plain file that every later load
+    of the op waits on, without a word, until it disappears. A killed build leaves it behind for good. A live build
+    writes into that folder (ninja's log, object files) every few tens of seconds, so a lock with nothing written
+    there for `stale_after_s` is stale. Call before deepspeed.init_distributed, which loads the op on CPU.
+    """
+    if get_accelerator().device_name() != "cpu":
+        return
+    from torch.utils.cpp_extension import _get_build_directory  # torch's own folder layout (private, torch >= 2.0)
+
+    build_dir = Path(_get_build_directory(op_name, verbose=False))
+    lock = build_dir / "lock"
+    waited_s = 0.0
+    while lock.exists():
+        try:
+            last_write = max(path.stat().st_mtime for path in build_dir.iterdir())
+        except (FileNotFoundError, ValueError):  # a file, or the lock itself, went away while we looked
+            continue
+        idle_s = time.time() - last_write
+        if idle_s > stale_after_s:
+            raise RuntimeError(f"{lock} is left over from a build of DeepSpeed's {op_name} op that did not finish "
+                               f"(nothing written in {build_dir} for {idle_s / 60:.0f} minutes); every run would wait "
+                               f"for it forever. Remove it (rm {lock}) and start again.")
+        if waited_s == 10.0:
+            print(f"waiting for {lock}: another process is building DeepSpeed's {op_name} op (if none is, the lock "
+                  f"is stale; this run stops once nothing has been written there for {stale_after_s:.0f} s)",
+                  file=sys.stderr, flush=True)
+        time.sleep(1.0)
+        waited_s += 1.0
 
 
 def expert_parallel_rank(rank: int, ep_size: int) -> int:

@@ -6,8 +6,8 @@ Steps count optimizer steps from 1: step 1 is the first update. With W warmup st
 - cosine: from lr at the peak down to lr * min_lr_ratio at step N, along half a cosine;
 - wsd: lr until the last `decay_steps` steps, then a linear decay to lr * min_lr_ratio at step N.
 
-WSD follows MiniCPM (Hu et al., 2024) and OLMo-core's `WSD` scheduler, which decays linearly over the last fraction
-of the run (10% by default, as here). A WSD run can be continued past its planned end from a checkpoint taken before
+WSD is MiniCPM's schedule (Hu et al., 2024; they decay exponentially); the decay here is linear over the last
+fraction of the run, 10% by default, as in OLMo-core's `WSD` scheduler. A WSD run can be continued past its planned end from a checkpoint taken before
 the decay, and its stable phase does not depend on the length of the run.
 
 DeepSpeed steps the scheduler once per optimizer step (not per micro step, and not after a step an fp16 overflow

@@ -75,11 +75,12 @@ def train(cfg: RecipeConfig, resolved: dict, tokenizer: PreTrainedTokenizerFast,
     import deepspeed
     import torch.distributed as dist
 
-    from moe_recipe.engine import build_deepspeed_config, build_model, initialize_engine
+    from moe_recipe.engine import build_deepspeed_config, build_model, check_op_build_lock, initialize_engine
     from moe_recipe.metrics import MetricsSink
     from moe_recipe.trainer import Trainer
 
     default_single_process_env()
+    check_op_build_lock()  # before init_distributed, which loads (and on first use builds) DeepSpeed's comm op
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     run_dir = Path(cfg.trainer.run_dir)

@@ -17,4 +17,13 @@ else
 fi
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
 .venv/bin/python -m pip install -q -e ".[test]"
+# On CPU, DeepSpeed JIT-builds its shared-memory comm op (~1 minute) when a run first starts; build it here, so that
+# training never compiles (a run killed during that build would leave torch's lock file behind). GPU runs do not use it.
+.venv/bin/python - <<'PY'
+from deepspeed.accelerator import get_accelerator
+
+accelerator = get_accelerator()
+if accelerator.device_name() == "cpu":
+    accelerator.create_op_builder("ShareMemCommBuilder").load(verbose=False)
+PY
 .venv/bin/python -c "import torch, deepspeed, transformers; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}')"

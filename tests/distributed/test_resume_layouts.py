@@ -101,8 +101,9 @@ def portable_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def mismatches(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> list[str]:
-    """Keys whose tensors differ beyond float32 round-off of a different reduction order."""
-    return [key for key, tensor in reference.items() if not torch.allclose(state[key], tensor, rtol=1e-4, atol=1e-6)]
+    """Keys whose tensors differ beyond float32 round-off of a different reduction order (Adam's normalization
+    turns it into weight differences of a few 1e-6 over 6 steps at lr 1e-2; swapped moments move weights by ~1e-3)."""
+    return [key for key, tensor in reference.items() if not torch.allclose(state[key], tensor, rtol=1e-4, atol=3e-5)]
 
 
 def assert_resumed_like_uninterrupted(saved: Path, resumed: Path) -> None:
