@@ -1,15 +1,27 @@
-"""Typed recipe configuration: Hydra stops at the entry point, everything below gets these dataclasses."""
+"""Typed recipe configuration: Hydra stops at the entry point, everything below gets these dataclasses.
 
-import dataclasses
+The dataclasses are also the schema Hydra composes into (a structured config registered in the ConfigStore as
+`recipe_schema`, the first entry of conf/config.yaml's defaults list): OmegaConf refuses an unknown key or a value of
+the wrong type, in a YAML file or an override, while the config is composed. `load_recipe` is the one way in:
+compose (or take what @hydra.main composed), type, validate, and derive what start-up needs exactly once.
+"""
+
 import os
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
 from moe_model import MoeConfig
 from moe_model.configuration_moe import backends_with
 
-from .data import DataConfig
+from .data import DataConfig, load_tokenizer, resolve_path
+from .errors import unknown_key_message
 from .lr_schedule import SCHEDULES, decay_steps
 
 # The Hydra config groups. An absolute path: `python recipes/train.py`, the installed `moe-train` and `moe-plan`
@@ -17,6 +29,42 @@ from .lr_schedule import SCHEDULES, decay_steps
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_MODES = ("disabled", "offline", "online")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture and routing settings of `MoeConfig` (see its docstring), with its defaults. The parallel
+    layout is not among them: it is `parallel.ep_size`, applied when the model is built."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 64
+    intermediate_size: int = 128  # dense layers' SwiGLU
+    moe_intermediate_size: int = 128  # each expert's SwiGLU
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (which must then divide evenly)
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    noisy_gate_policy: str | None = None
+    use_rts: bool = True
+    top2_2nd_expert_sampling: bool = True
+    use_residual: bool = False
+    num_shared_experts: int = 0
+    moe_layer_freq: int = 1
+    first_k_dense_replace: int = 0
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    moe_backend: str = "deepspeed"
 
 
 @dataclass
@@ -75,49 +123,109 @@ class LoggingConfig:
 
 @dataclass
 class RecipeConfig:
-    model: dict[str, Any]
-    parallel: ParallelConfig
-    zero: ZeroConfig
-    optim: OptimConfig
-    data: DataConfig
-    trainer: TrainerConfig
-    logging: LoggingConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     name: str = "default"
 
     def model_config(self, **overrides) -> MoeConfig:
-        return MoeConfig(**{**self.model, **overrides})
+        """The model's config; MoeConfig.validate runs on it (top-k, heads, layers, ...). The layout is not in it."""
+        settings = {f.name: getattr(self.model, f.name) for f in fields(self.model)}
+        try:
+            return MoeConfig(**settings, **overrides)
+        except ValueError as err:  # MoeConfig names its own fields; here they are the model section's
+            raise ValueError(str(err).replace("MoeConfig: ", "model: ", 1)) from None
 
 
-def _section(cls, values: dict[str, Any], name: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{name}: unknown key(s) {unknown}; valid keys are {sorted(known)}.")
-    return cls(**values)
+# conf/config.yaml names this schema first in its defaults list, so every section is typed while Hydra composes.
+ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
 
 
-def recipe_config_from_dict(cfg: dict[str, Any]) -> RecipeConfig:
-    """Build the typed config from Hydra's resolved container (OmegaConf.to_container(cfg, resolve=True))."""
-    sections = {
-        "parallel": ParallelConfig,
-        "zero": ZeroConfig,
-        "optim": OptimConfig,
-        "data": DataConfig,
-        "trainer": TrainerConfig,
-        "logging": LoggingConfig,
-    }
-    missing = sorted({"model", *sections} - set(cfg))
-    if missing:
-        raise ValueError(f"config is missing section(s) {missing}.")
-    built = {name: _section(cls, dict(cfg[name] or {}), name) for name, cls in sections.items()}
-    if isinstance(built["optim"].betas, list):
-        built["optim"].betas = tuple(built["optim"].betas)
-    return RecipeConfig(model=dict(cfg["model"]), name=str(cfg.get("name", "default")), **built)
+@dataclass
+class Recipe:
+    """A validated run: the typed config and what start-up derives from it, each built once and handed down."""
+
+    config: RecipeConfig
+    resolved: dict[str, Any]  # the resolved config, as saved in run_dir/config.yaml and sent to W&B
+    world_size: int
+    model: MoeConfig
+    total_steps: int
+    deepspeed: dict[str, Any]  # the DeepSpeed config (engine.build_deepspeed_config)
+    tokenizer: PreTrainedTokenizerBase | None
 
 
 def world_size_from_env() -> int:
     """The world size the launcher (torchrun, deepspeed, srun wrapper) announces, before any process group."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """conf/config.yaml + Hydra overrides, as `recipes/train.py` composes them (typed by the schema)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def typed_config(config: DictConfig | dict) -> tuple[RecipeConfig, dict[str, Any]]:
+    """A composed config (or a plain dict, e.g. a saved config.yaml) -> the typed RecipeConfig and the resolved dict.
+    OmegaConf refuses wrong types and missing (???) values here; errors.config_error_message words its errors."""
+    config = OmegaConf.create(config) if isinstance(config, dict) else config
+    refuse_unknown_keys(config, RecipeConfig)
+    merged = OmegaConf.merge(OmegaConf.structured(RecipeConfig), config)
+    resolved = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+    cfg = OmegaConf.to_object(merged)
+    cfg.optim.betas = tuple(cfg.optim.betas)  # OmegaConf holds tuples as lists
+    return cfg, resolved
+
+
+def refuse_unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """Hydra adds a key given with `+` (`+model.num_expert=8`) even to a typed section (it opens the struct flag for
+    additions), so the schema is enforced here too: a key the dataclass does not have is an error, not a no-op."""
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        if key not in hints:
+            raise ValueError(unknown_key_message(f"{prefix}{key}", schema))
+        if hasattr(hints[key], "__dataclass_fields__") and isinstance(node[key], DictConfig):
+            refuse_unknown_keys(node[key], hints[key], prefix=f"{prefix}{key}.")
+
+
+def load_recipe(config: DictConfig | Sequence[str] = (), world_size: int | None = None,
+                require_tokenizer: bool = True) -> Recipe:
+    """Compose, type and validate the recipe, then build the model config, the step count and the DeepSpeed config.
+
+    `config`: Hydra overrides (composed here from conf/), or the config @hydra.main composed. `world_size`: the
+    number of ranks (default: the launcher's WORLD_SIZE). The tokenizer (data.tokenizer) is loaded to check the
+    vocabulary against the model; `require_tokenizer=False` skips that check when the folder is absent (the
+    planner, on a machine without the data). Input the recipe refuses raises a ValueError that names the setting
+    and says what to change, or Hydra's / OmegaConf's own error, which errors.config_error_message words the same way.
+    """
+    composed = config if isinstance(config, DictConfig) else compose(config)
+    cfg, resolved = typed_config(composed)
+    tokenizer = None
+    if require_tokenizer or (resolve_path(cfg.data.tokenizer) / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(cfg.data)
+    return build_recipe(cfg, world_size_from_env() if world_size is None else world_size, tokenizer, resolved)
+
+
+def build_recipe(cfg: RecipeConfig, world_size: int, tokenizer: PreTrainedTokenizerBase | None = None,
+                 resolved: dict[str, Any] | None = None) -> Recipe:
+    """Validate a typed config and derive the model config, the step count and the DeepSpeed config from it."""
+    from .engine import build_deepspeed_config  # engine imports this module
+
+    model = validate(cfg, world_size, tokenizer_vocab_size=len(tokenizer) if tokenizer is not None else None)
+    if tokenizer is not None:
+        model.update({"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                      "eos_token_id": tokenizer.eos_token_id})
+    total_steps = max_steps(cfg, world_size)
+    return Recipe(config=cfg, resolved=resolved if resolved is not None else OmegaConf.to_container(
+                      OmegaConf.structured(cfg)), world_size=world_size, model=model, total_steps=total_steps,
+                  deepspeed=build_deepspeed_config(cfg, model, world_size), tokenizer=tokenizer)
 
 
 def global_batch_size(trainer: TrainerConfig, world_size: int) -> int:
@@ -127,8 +235,15 @@ def global_batch_size(trainer: TrainerConfig, world_size: int) -> int:
 
 def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | None = None) -> MoeConfig:
     """Check every cross-section rule; raise one ValueError that says what to change. Returns the model config."""
-    model = cfg.model_config()  # MoeConfig.validate: top-k, heads, layers, ...
     ep = cfg.parallel.ep_size
+    if ep < 1:
+        raise ValueError(f"parallel.ep_size={ep} must be >= 1.")
+    m = cfg.model
+    if m.head_dim is None and m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
+        raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+                         f"{m.num_attention_heads}; pick a head count that divides it, or set model.head_dim "
+                         "explicitly (the attention then projects to num_attention_heads * head_dim).")
+    model = cfg.model_config()  # MoeConfig.validate: top-k, heads, layers, ...
     model.validate_ep_size(ep)
     if world_size % ep:
         raise ValueError(f"parallel.ep_size={ep} does not divide the world size {world_size}; launch a multiple of "
@@ -141,6 +256,8 @@ def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | Non
                          "zero=stage2_offload.")
     if cfg.zero.offload_optimizer and cfg.zero.stage == 0:
         raise ValueError("zero.offload_optimizer=true needs zero.stage >= 1; use zero=stage2_offload.")
+    if cfg.zero.reduce_bucket_size < 1:
+        raise ValueError(f"zero.reduce_bucket_size={cfg.zero.reduce_bucket_size} must be >= 1 (elements).")
     if cfg.data.seq_len > model.max_position_embeddings:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} is longer than model.max_position_embeddings="
                          f"{model.max_position_embeddings}; lower data.seq_len or raise the model's positions.")
@@ -152,13 +269,24 @@ def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | Non
                  "checkpoint_interval", "log_interval"):
         if getattr(t, name) < 1:
             raise ValueError(f"trainer.{name}={getattr(t, name)} must be >= 1.")
+    for name in ("token_budget", "stop_after_steps", "heatmap_interval"):
+        if getattr(t, name) is not None and getattr(t, name) < 1:
+            raise ValueError(f"trainer.{name}={getattr(t, name)} must be >= 1, or null.")
+    if t.peak_flops_per_device is not None and t.peak_flops_per_device <= 0:
+        raise ValueError(f"trainer.peak_flops_per_device={t.peak_flops_per_device} must be > 0, or null.")
     if t.precision not in PRECISIONS:
         raise ValueError(f"trainer.precision={t.precision!r} must be one of {PRECISIONS}.")
     tokens_per_rank = t.micro_batch_size * cfg.data.seq_len
     if model.backend_support.capacity and model.num_experts_per_tok == 1 and tokens_per_rank < model.min_capacity:
         raise ValueError(f"micro_batch_size * seq_len = {tokens_per_rank} tokens is below model.min_capacity="
                          f"{model.min_capacity}; DeepSpeed's top-1 gate needs at least that many tokens per rank.")
-    validate_schedule(cfg.optim, max_steps(cfg, world_size))
+    o = cfg.optim
+    validate_schedule(o, max_steps(cfg, world_size))
+    if len(o.betas) != 2 or not all(0 <= beta < 1 for beta in o.betas):
+        raise ValueError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95].")
+    for name in ("eps", "weight_decay", "grad_clip"):
+        if getattr(o, name) < 0:
+            raise ValueError(f"optim.{name}={getattr(o, name)} must be >= 0.")
     if cfg.logging.wandb_mode not in WANDB_MODES:
         raise ValueError(f"logging.wandb_mode={cfg.logging.wandb_mode!r} must be one of {WANDB_MODES}.")
     cfg.data.validate()

@@ -13,7 +13,7 @@ from torch import nn
 from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import autoep_layer_settings
 
-from .config import RecipeConfig, global_batch_size, max_steps
+from .config import RecipeConfig, global_batch_size
 from .lr_schedule import build_lr_scheduler
 
 
@@ -23,8 +23,18 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def build_deepspeed_config(cfg: RecipeConfig, world_size: int) -> dict:
-    """The DeepSpeed config, derived from the recipe config (never written by hand)."""
+def check_precision_supported(precision: str) -> None:
+    """DeepSpeed refuses a dtype the device lacks only when the engine is built, without naming the setting."""
+    accelerator = get_accelerator()
+    supported = {"bf16": accelerator.is_bf16_supported, "fp16": accelerator.is_fp16_supported}
+    if precision in supported and not supported[precision]():
+        raise ValueError(f"trainer.precision={precision}: this machine's {accelerator.device_name()} device cannot "
+                         f"train in {precision}; use trainer.precision=auto (bf16 where the device has it, else "
+                         "fp32) or trainer.precision=fp32.")
+
+
+def build_deepspeed_config(cfg: RecipeConfig, model: MoeConfig, world_size: int) -> dict:
+    """The DeepSpeed config, derived from the recipe config (never written by hand); `load_recipe` builds it."""
     t, z, o = cfg.trainer, cfg.zero, cfg.optim
     precision = resolve_precision(t.precision)
     zero = {"stage": z.stage}
@@ -47,7 +57,6 @@ def build_deepspeed_config(cfg: RecipeConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    model = cfg.model_config()
     if model.moe_backend == "autoep":
         ds_config["expert_parallel"] = {
             "enabled": True,
@@ -132,13 +141,12 @@ def build_model(config: MoeConfig, ep_size: int) -> MoeForCausalLM:
     return MoeForCausalLM(config, ep_size=ep_size, ep_rank=expert_parallel_rank(dist.get_rank(), ep_size))
 
 
-def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, world_size: int):
+def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, ds_config: dict, total_steps: int):
     """Wrap the model in a DeepSpeed engine (EP and expert-DP groups are created here, from the MoE layers)."""
     import deepspeed
     from deepspeed.moe.layer import MoE
     from deepspeed.utils import groups
 
-    ds_config = build_deepspeed_config(cfg, world_size)
     # A callable: DeepSpeed builds the optimizer once AutoEP (if enabled) has replaced the MoE blocks, so the groups
     # hold AutoEP's expert parameters, tagged for their expert-parallel group, and never the discarded ones.
     # The scheduler, also a callable, gets that optimizer; DeepSpeed steps it after each optimizer step.
@@ -147,7 +155,7 @@ def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, world_size: int)
         model=model,
         optimizer=lambda _: build_optimizer(model, cfg),
         lr_scheduler=lambda optimizer: build_lr_scheduler(
-            optimizer, schedule=o.schedule, total_steps=max_steps(cfg, world_size), warmup_steps=o.warmup_steps,
+            optimizer, schedule=o.schedule, total_steps=total_steps, warmup_steps=o.warmup_steps,
             min_lr_ratio=o.min_lr_ratio, decay_fraction=o.decay_fraction),
         config=ds_config,
     )

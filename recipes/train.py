@@ -12,27 +12,20 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedTokenizerFast
 
 from moe_recipe.checkpoint import check_resume
-from moe_recipe.config import (
-    CONF_DIR,
-    RecipeConfig,
-    global_batch_size,
-    max_steps,
-    recipe_config_from_dict,
-    validate,
-    world_size_from_env,
-)
-from moe_recipe.data import TrainingData, load_tokenizer, open_training_data
+from moe_recipe.config import CONF_DIR, Recipe, global_batch_size, load_recipe
+from moe_recipe.data import TrainingData, open_training_data
+from moe_recipe.engine import check_precision_supported
+from moe_recipe.errors import check_output_folder, refuse_bad_input
 
 log = logging.getLogger("moe_recipe")
+PREFIX = "Invalid configuration"
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -71,74 +64,85 @@ def setup_logging(run_dir: Path, is_main: bool) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def train(cfg: RecipeConfig, resolved: dict, tokenizer: PreTrainedTokenizerFast, data: TrainingData) -> None:
+def preflight(hydra_cfg: DictConfig) -> tuple[Recipe, TrainingData]:
+    """Every check that needs no process group, on every rank alike: the config (types, keys, cross-section
+    rules), the tokenizer, the precision this device runs, the run directory and the checkpoint to resume from;
+    then the token stores are opened (the default store of a small source is built here on first use)."""
+    recipe = load_recipe(hydra_cfg)
+    t = recipe.config.trainer
+    check_precision_supported(t.precision)
+    check_output_folder(Path(t.run_dir), "trainer.run_dir")
+    check_resume(t.resume, Path(t.run_dir) / "checkpoints", recipe.model)
+    data = open_training_data(recipe.config.data, recipe.tokenizer,
+                              global_batch_size=global_batch_size(t, recipe.world_size),
+                              eval_batch_size=t.micro_batch_size * recipe.world_size)
+    return recipe, data
+
+
+def train(recipe: Recipe, data: TrainingData) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from moe_recipe.engine import build_deepspeed_config, build_model, check_op_build_lock, initialize_engine
+    from moe_recipe.engine import build_model, check_op_build_lock, initialize_engine
     from moe_recipe.metrics import MetricsSink
     from moe_recipe.trainer import Trainer
 
+    cfg = recipe.config
     default_single_process_env()
     check_op_build_lock()  # before init_distributed, which loads (and on first use builds) DeepSpeed's comm op
     deepspeed.init_distributed()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     run_dir = Path(cfg.trainer.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir, rank == 0)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-        (run_dir / "ds_config.json").write_text(json.dumps(build_deepspeed_config(cfg, world_size), indent=2))
 
     # Same seed on every rank: identical dense weights, and each global expert identical for any ep_size.
     torch.manual_seed(cfg.trainer.seed)
-    model_config = cfg.model_config(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id)
-    model = build_model(model_config, cfg.parallel.ep_size)
+    model = build_model(recipe.model, cfg.parallel.ep_size)
     if cfg.trainer.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine = initialize_engine(model, cfg, world_size)
+    engine = initialize_engine(model, cfg, recipe.deepspeed, recipe.total_steps)
     torch.manual_seed(cfg.trainer.seed + rank)  # independent router noise per rank from here on
 
-    metrics = MetricsSink(run_dir, cfg.logging, cfg.name, resolved, enabled=rank == 0)
-    trainer = Trainer(engine, cfg, model_config, data, run_dir, metrics, max_steps(cfg, world_size))
+    if rank == 0:  # only now: a run refused earlier leaves an existing run directory's files as they were
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(recipe.resolved))
+        (run_dir / "ds_config.json").write_text(json.dumps(recipe.deepspeed, indent=2))
+    metrics = MetricsSink(run_dir, cfg.logging, cfg.name, recipe.resolved, enabled=rank == 0)
+    trainer = Trainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps)
     try:
         trainer.fit()
     finally:
         metrics.close()
     if rank == 0:
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+        recipe.tokenizer.save_pretrained(run_dir / "tokenizer")
     dist.barrier()
     dist.destroy_process_group()
     if trainer.preempted:
         sys.exit(int(os.environ.get("MOE_PREEMPT_EXIT_CODE", "0")))
 
 
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(hydra_cfg: DictConfig) -> None:
-    resolved = OmegaConf.to_container(hydra_cfg, resolve=True)
-    # Every check runs before any process group exists: a bad config stops all ranks with one message.
-    try:
-        cfg = recipe_config_from_dict(resolved)
-        tokenizer = load_tokenizer(cfg.data)
-        model_config = validate(cfg, world_size_from_env(), tokenizer_vocab_size=len(tokenizer))
-        check_resume(cfg.trainer.resume, Path(cfg.trainer.run_dir) / "checkpoints", model_config)
-        # Memory-mapped token stores; the default store of a small source is built here on first use.
-        world_size = world_size_from_env()
-        data = open_training_data(cfg.data, tokenizer, global_batch_size=global_batch_size(cfg.trainer, world_size),
-                                  eval_batch_size=cfg.trainer.micro_batch_size * world_size)
-    except ValueError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"Invalid configuration: {err}", file=sys.stderr)
-        else:
-            time.sleep(3)  # a launcher kills the other ranks when one exits: let rank 0 print first
-        sys.exit(2)
-    train(cfg, resolved, tokenizer, data)
+    # Warnings of the checks (a checkpoint passed over) from one rank; setup_logging takes over in train().
+    logging.basicConfig(level=logging.WARNING if is_rank_zero() else logging.ERROR, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # Every check runs before any process group exists: bad input stops all ranks with one message.
+    with refuse_bad_input(PREFIX, speak=is_rank_zero()):
+        recipe, data = preflight(hydra_cfg)
+    train(recipe, data)
 
 
 def main() -> None:
     sys.argv = strip_launcher_args(sys.argv)
-    hydra_main()
+    # Hydra prints a config it cannot compose (a wrong type, an unknown key) its own way and exits 1; with
+    # HYDRA_FULL_ERROR it raises instead, and the error gets the recipe's one line and exit status 2.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    with refuse_bad_input(PREFIX, speak=is_rank_zero(), config_only=True):
+        hydra_main()
 
 
 if __name__ == "__main__":

@@ -53,10 +53,10 @@ def train_rows(run_dir: Path) -> dict[int, dict]:
 
 
 def compose_recipe(*overrides: str):
-    """conf/ and Hydra overrides -> the typed RecipeConfig, as the entry points compose it."""
-    from moe_recipe.plan import compose_recipe_config
+    """conf/ and Hydra overrides -> the typed RecipeConfig, as load_recipe composes and types it (not validated)."""
+    from moe_recipe.config import compose, typed_config
 
-    return compose_recipe_config(list(overrides))[0]
+    return typed_config(compose(overrides))[0]
 
 
 def overrides(run_dir: Path, *extra: str) -> list[str]:

@@ -3,7 +3,7 @@
     moe-plan +experiment=small_ep8 --nodes 1 --gpus-per-node 8 --gpu h100
     python -m moe_recipe.plan model=mixtral_8x7b parallel.ep_size=8 zero=stage2 --nodes 4 --gpu h100 --json
 
-It takes the recipe's own Hydra config and overrides (composed from conf/ as recipes/train.py does, then validated)
+It takes the recipe's own Hydra config and overrides (composed, typed and validated by `config.load_recipe`, as recipes/train.py does)
 plus a cluster shape, and estimates per GPU: parameter, gradient, fp32 master and optimizer-state bytes under the
 ZeRO stage and the EP / expert-data-parallel groups (from the real model's optimizer groups, as DeepSpeed allocates
 them); activation memory with and without checkpointing; all-to-all and gradient-reduction bytes; a step time.
@@ -32,9 +32,7 @@ from .cli import (
     EXIT_INVALID,
     EXIT_NOT_MODELED,
     EXIT_USAGE,
-    compose_recipe_config,
     main,
-    tokenizer_vocab_size,
 )
 from .communication import Communication, communication
 from .hardware import GPU_PRESETS, ClusterSpec, GpuPreset, guess_peak_flops
@@ -54,8 +52,8 @@ from .search import find_fixes
 __all__ = [
     "DTYPE_BYTES", "EXIT_DOES_NOT_FIT", "EXIT_FITS", "EXIT_INVALID", "EXIT_NOT_MODELED", "EXIT_USAGE", "GPU_PRESETS",
     "ActivationMemory", "ClusterSpec", "Communication", "GpuPreset", "NotModeledError", "OptimizerGroup", "Plan",
-    "StateMemory", "activation_memory", "build_plan", "build_rank_model", "communication", "compose_recipe_config",
+    "StateMemory", "activation_memory", "build_plan", "build_rank_model", "communication",
     "expert_capacity", "find_fixes", "format_bytes", "format_count", "format_plan", "guess_peak_flops", "main",
-    "optimizer_groups", "planned_precision", "state_memory", "tokenizer_vocab_size", "zero2_grad_numel",
+    "optimizer_groups", "planned_precision", "state_memory", "zero2_grad_numel",
     "zero_flat_numel",
 ]

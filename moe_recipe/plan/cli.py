@@ -14,15 +14,11 @@ import argparse
 import contextlib
 import json
 import sys
-from typing import TYPE_CHECKING
 
 from .build import NotModeledError, build_plan
 from .hardware import GPU_PRESETS, ClusterSpec
 from .report import format_plan
 from .search import find_fixes
-
-if TYPE_CHECKING:
-    from ..config import RecipeConfig
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_INVALID, EXIT_NOT_MODELED, EXIT_USAGE = 0, 1, 2, 3, 64
 EXIT_STATUS_HELP = """exit status:
@@ -31,28 +27,6 @@ EXIT_STATUS_HELP = """exit status:
   2   invalid configuration or cluster numbers (the message says what to change)
   3   valid, but not modeled (model.moe_backend=autoep)
   64  usage error (unknown option, malformed value)"""
-
-
-def compose_recipe_config(overrides: list[str]) -> tuple[RecipeConfig, dict]:
-    """conf/config.yaml + Hydra overrides -> the typed RecipeConfig and the resolved dict (one source of truth)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from ..config import CONF_DIR, recipe_config_from_dict
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        hydra_cfg = compose(config_name="config", overrides=list(overrides))
-    resolved = OmegaConf.to_container(hydra_cfg, resolve=True)
-    return recipe_config_from_dict(resolved), resolved
-
-
-def tokenizer_vocab_size(cfg: RecipeConfig) -> int | None:
-    """The tokenizer's size for validate()'s vocab check, as train.py does; None (check skipped) if it is absent."""
-    from ..data import load_tokenizer, resolve_path
-
-    if not (resolve_path(cfg.data.tokenizer) / "tokenizer.json").is_file():
-        return None
-    return len(load_tokenizer(cfg.data))
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -84,8 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from ..config import load_recipe
+    from ..errors import CONFIG_ERRORS, input_error_message
 
     args = parse_args(argv)
     try:
@@ -96,14 +70,17 @@ def main(argv: list[str] | None = None) -> int:
                 intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps,
                 peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None, mfu=args.mfu,
                 headroom=args.headroom)
-            cfg, _ = compose_recipe_config(args.overrides)
-            vocab_size = tokenizer_vocab_size(cfg)
-            plan = build_plan(cfg, cluster, vocab_size, overrides=args.overrides)
-            fixes = [] if plan.fits else find_fixes(cfg, cluster, vocab_size)
-    except (ValueError, HydraException, OmegaConfBaseException) as err:
+            # Composed, typed and validated as recipes/train.py does; the tokenizer is checked against the model
+            # where it is present (a login node may lack the data).
+            recipe = load_recipe(args.overrides, cluster.world_size, require_tokenizer=False)
+            vocab_size = len(recipe.tokenizer) if recipe.tokenizer is not None else None
+            plan = build_plan(recipe.config, cluster, vocab_size, overrides=args.overrides)
+            fixes = [] if plan.fits else find_fixes(recipe.config, cluster, vocab_size)
+    except (*CONFIG_ERRORS, ValueError) as err:
+        message = input_error_message(err)
         if args.json:
-            print(json.dumps({"valid": False, "error": str(err)}))
-        print(f"Invalid configuration: {err}", file=sys.stderr)
+            print(json.dumps({"valid": False, "error": message}))
+        print(f"Invalid configuration: {message}", file=sys.stderr)
         return EXIT_INVALID
     except NotModeledError as err:
         if args.json:
@@ -118,4 +95,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["EXIT_DOES_NOT_FIT", "EXIT_FITS", "EXIT_INVALID", "EXIT_NOT_MODELED", "EXIT_USAGE",
-           "compose_recipe_config", "main", "parse_args", "tokenizer_vocab_size"]
+           "main", "parse_args"]

@@ -18,7 +18,7 @@ Change = dict[str, dict[str, Any]]
 
 def candidate_changes(cfg: RecipeConfig, cluster: ClusterSpec) -> list[Change]:
     """Changes to try, cheapest in throughput first."""
-    t, z, num_experts = cfg.trainer, cfg.zero, cfg.model_config().num_experts
+    t, z, num_experts = cfg.trainer, cfg.zero, cfg.model.num_experts
     changes: list[Change] = []
     if z.stage < 2:
         changes.append({"zero": {"stage": 2}})

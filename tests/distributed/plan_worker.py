@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 
+from moe_recipe.config import Recipe, load_recipe
 from moe_recipe.engine import build_model, initialize_engine
 from moe_recipe.plan import (
     ClusterSpec,
     build_plan,
-    compose_recipe_config,
     optimizer_groups,
     planned_precision,
     state_memory,
@@ -107,18 +107,19 @@ def cpu_peak(prof) -> int:
     return peak
 
 
-def train(cfg):
+def train(recipe: Recipe):
     """Build the engine from nothing and run `args.steps` optimizer steps; (engine, grads held, peak bytes)."""
+    cfg = recipe.config
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(cfg.trainer.seed)
-    model = build_model(cfg.model_config(), cfg.parallel.ep_size)
+    model = build_model(recipe.model, cfg.parallel.ep_size)
     if cfg.trainer.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine = initialize_engine(model, cfg, world)
+    engine = initialize_engine(model, cfg, recipe.deepspeed, recipe.total_steps)
     t = cfg.trainer
-    data = torch.randint(0, cfg.model_config().vocab_size, (t.grad_accum, t.micro_batch_size, cfg.data.seq_len),
+    data = torch.randint(0, recipe.model.vocab_size, (t.grad_accum, t.micro_batch_size, cfg.data.seq_len),
                          generator=torch.Generator().manual_seed(rank)).to(engine.device)
     grads = None
     for step in range(args.steps):
@@ -134,13 +135,14 @@ def train(cfg):
 
 results = []
 for case in args.case:
-    cfg, _ = compose_recipe_config(case.split(","))
+    recipe = load_recipe(case.split(","), world)
+    cfg = recipe.config
     if args.cpu_peak:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            engine, grads, _ = train(cfg)
+            engine, grads, _ = train(recipe)
         peak = cpu_peak(prof)
     else:
-        engine, grads, peak = train(cfg)
+        engine, grads, peak = train(recipe)
     t = cfg.trainer
     measured = measure(engine, grads)
     measured["all_to_all"] = dict(a2a)  # the last step's
@@ -152,14 +154,14 @@ for case in args.case:
     }
     # ZeRO-2's gradients differ between ranks; the plan shows the largest, this rank's is asked for here.
     z = cfg.zero
-    groups = optimizer_groups(cfg.model_config(), cfg.parallel.ep_size, cfg.optim.weight_decay)
+    groups = optimizer_groups(recipe.model, cfg.parallel.ep_size, cfg.optim.weight_decay)
     this_rank = state_memory(groups, z.stage, planned_precision(cfg), world, cfg.parallel.ep_size, rank=rank)
     planned["grads"] = {"dense": this_rank.grads.dense, "expert": this_rank.grads.expert}
     planned["grads_largest_rank"] = plan.memory.grads.total
     planned["peak"] = plan.peak_bytes
     planned["all_to_all"] = {"bytes": plan.comm.all_to_all_total,
                              "calls": plan.comm.all_to_all_calls_per_moe_layer * t.grad_accum
-                             * len(cfg.model_config().moe_layer_indices)}
+                             * len(recipe.model.moe_layer_indices)}
     results.append({"case": case, "rank": rank, "measured": measured, "planned": planned})
     del engine
     gc.collect()  # the engine holds reference cycles: free it now, not inside the next case's measurement

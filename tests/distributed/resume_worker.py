@@ -15,8 +15,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from moe_recipe.config import (DataConfig, LoggingConfig, OptimConfig, ParallelConfig, RecipeConfig, TrainerConfig,
-                               ZeroConfig)
+from moe_recipe.config import (DataConfig, LoggingConfig, ModelConfig, OptimConfig, ParallelConfig, RecipeConfig,
+                               TrainerConfig, ZeroConfig, build_recipe)
 from moe_recipe.data import TrainingData, load_tokenizer, open_store, store_from_tokens, tokenizer_fingerprint
 from moe_recipe.data.sampler import Component
 from moe_recipe.engine import build_model, initialize_engine
@@ -57,7 +57,7 @@ data = TrainingData([Component("main", open_store(store_dir, "data.store"), 1.0)
 
 for job in json.loads(args.jobs):
     cfg = RecipeConfig(
-        model={**MODEL, **job.get("model", {})},
+        model=ModelConfig(**{**MODEL, **job.get("model", {})}),
         parallel=ParallelConfig(ep_size=job["ep_size"]),
         zero=ZeroConfig(stage=job["zero_stage"], offload_optimizer=job.get("offload", False)),
         optim=OptimConfig(**{"lr": 1e-2, "warmup_steps": 2, **job.get("optim", {})}),
@@ -72,11 +72,12 @@ for job in json.loads(args.jobs):
     run_dir.mkdir(parents=True, exist_ok=True)
     # As recipes/train.py: one seed for the weights on every rank, then one per rank.
     torch.manual_seed(cfg.trainer.seed)
-    model_config = cfg.model_config()
-    engine = initialize_engine(build_model(model_config, cfg.parallel.ep_size), cfg, world)
+    recipe = build_recipe(cfg, world)  # random tokens: no tokenizer
+    engine = initialize_engine(build_model(recipe.model, cfg.parallel.ep_size), cfg, recipe.deepspeed,
+                               recipe.total_steps)
     torch.manual_seed(cfg.trainer.seed + rank)
     metrics = MetricsSink(run_dir, cfg.logging, "test", {}, enabled=rank == 0)
-    Trainer(engine, cfg, model_config, data, run_dir, metrics, STEPS).fit()
+    Trainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps).fit()
     metrics.close()
     if "logits" in job:  # the trained model's own logits, at its layout, on the same input on every rank
         engine.eval()

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from moe_model import MoeForCausalLM
 from moe_recipe import analyze_routing
+from moe_recipe.config import load_recipe
 from moe_recipe.export import export
-from moe_recipe.plan import compose_recipe_config
 from tests.helpers import REPO, run_command
 from tests.wandb_records import history_and_config
 
@@ -57,11 +56,10 @@ def test_training_writes_expert_load_heatmaps(run_dir):
 def hf_folder(tmp_path_factory) -> Path:
     """A model folder as an export writes it: weights, config and tokenizer."""
     folder = tmp_path_factory.mktemp("hf") / "model"
-    cfg, _ = compose_recipe_config([])
-    tokenizer = AutoTokenizer.from_pretrained(str(REPO / "assets" / "tokenizer"))
+    recipe = load_recipe([], world_size=1)
     torch.manual_seed(0)
-    MoeForCausalLM(cfg.model_config(eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    MoeForCausalLM(recipe.model).save_pretrained(folder)
+    recipe.tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -114,5 +112,7 @@ def test_analysis_reads_the_training_checkpoint_and_its_export_alike(run_dir, tm
 
 
 def test_analysis_without_a_model_says_what_to_pass(tmp_path, capsys):
-    assert analyze_routing.main([str(tmp_path), "--text", TEXT]) == analyze_routing.EXIT_USAGE
+    with pytest.raises(SystemExit) as exit_status:
+        analyze_routing.main([str(tmp_path), "--text", TEXT])
+    assert exit_status.value.code == analyze_routing.EXIT_USAGE
     assert "no complete checkpoint there" in capsys.readouterr().err

@@ -16,8 +16,7 @@ from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
 from moe_model import MOE_BACKENDS, MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import MoeAutoEPBlock, MoeSparseBlock, autoep_layer_settings
-from moe_recipe.config import validate
-from moe_recipe.engine import build_deepspeed_config
+from moe_recipe.config import load_recipe, validate
 from moe_recipe.export import mixtral_blockers
 from tests.helpers import compose_recipe
 
@@ -220,11 +219,11 @@ def test_backend_rules_come_from_the_capability_table(monkeypatch):
 
 
 def test_deepspeed_config_enables_autoep_only_for_the_autoep_backend():
-    assert "expert_parallel" not in build_deepspeed_config(compose_recipe("parallel.ep_size=2"), world_size=4)
+    assert "expert_parallel" not in load_recipe(["parallel.ep_size=2"], world_size=4).deepspeed
 
-    cfg = compose_recipe("model.moe_backend=autoep", "model.drop_tokens=false", "model.num_shared_experts=1",
-                         "parallel.ep_size=2", "zero.stage=3")
-    expert_parallel = build_deepspeed_config(cfg, world_size=4)["expert_parallel"]
+    recipe = load_recipe(["model.moe_backend=autoep", "model.drop_tokens=false", "model.num_shared_experts=1",
+                          "parallel.ep_size=2", "zero.stage=3"], world_size=4)
+    expert_parallel = recipe.deepspeed["expert_parallel"]
     assert expert_parallel["enabled"] is True and expert_parallel["autoep_size"] == 2
     assert expert_parallel["use_grouped_mm"] is True  # CPU, or bf16 on CUDA
     assert expert_parallel["shared_experts_pattern"] == "shared_experts" and expert_parallel["route_norm"] is True
@@ -235,13 +234,13 @@ def test_deepspeed_config_enables_autoep_only_for_the_autoep_backend():
 
 def test_zero3_needs_the_autoep_backend():
     with pytest.raises(ValueError, match="set model.moe_backend=autoep"):
-        validate(compose_recipe("zero.stage=3"), world_size=2, tokenizer_vocab_size=4096)
-    model = validate(compose_recipe("zero.stage=3", "model.moe_backend=autoep", "model.drop_tokens=false",
-                                    "parallel.ep_size=2"), world_size=2, tokenizer_vocab_size=4096)
+        load_recipe(["zero.stage=3"], world_size=2)
+    model = load_recipe(["zero.stage=3", "model.moe_backend=autoep", "model.drop_tokens=false", "parallel.ep_size=2"],
+                        world_size=2).model
     assert isinstance(model, MoeConfig) and model.moe_backend == "autoep"
     # DeepSpeed's top-1 capacity floor does not exist in AutoEP's dropless layer.
-    validate(compose_recipe("model.moe_backend=autoep", "model.drop_tokens=false", "model.num_experts_per_tok=1",
-                            "trainer.micro_batch_size=1", "data.seq_len=2"), world_size=1, tokenizer_vocab_size=4096)
+    load_recipe(["model.moe_backend=autoep", "model.drop_tokens=false", "model.num_experts_per_tok=1",
+                 "trainer.micro_batch_size=1", "data.seq_len=2"], world_size=1)
 
 
 # --- GPU: the grouped-GEMM paths (bf16) and the expert loop (fp32) on CUDA ----------------------------------------

@@ -18,6 +18,7 @@ from deepspeed.moe.sharded_moe import _capacity
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from moe_model import MoeForCausalLM
+from moe_recipe.config import load_recipe
 from moe_recipe.plan import (
     DTYPE_BYTES,
     EXIT_DOES_NOT_FIT,
@@ -29,7 +30,6 @@ from moe_recipe.plan import (
     OptimizerGroup,
     activation_memory,
     build_plan,
-    compose_recipe_config,
     expert_capacity,
     format_bytes,
     format_count,
@@ -107,10 +107,10 @@ def test_zero_partitions_are_deepspeeds():
 
 
 def test_optimizer_groups_come_from_the_recipes_param_groups():
-    cfg, _ = compose_recipe_config(["parallel.ep_size=2"])
-    groups = optimizer_groups(cfg.model_config(), cfg.parallel.ep_size, cfg.optim.weight_decay)
+    recipe = load_recipe(["parallel.ep_size=2"], world_size=2)
+    groups = optimizer_groups(recipe.model, recipe.config.parallel.ep_size, recipe.config.optim.weight_decay)
     torch.manual_seed(0)
-    full = MoeForCausalLM(compose_recipe_config([])[0].model_config())  # ep_size=1: every expert
+    full = MoeForCausalLM(load_recipe([], world_size=1).model)  # ep_size=1: every expert
     dense = sum(p.numel() for n, p in full.named_parameters() if "deepspeed_experts" not in n)
     expert = sum(p.numel() for n, p in full.named_parameters() if "deepspeed_experts" in n)
     assert sum(g.numel for g in groups if not g.is_expert) == dense
@@ -118,8 +118,8 @@ def test_optimizer_groups_come_from_the_recipes_param_groups():
 
 
 def test_known_model_sizes():
-    cfg, _ = compose_recipe_config(["model=mixtral_8x7b", "parallel.ep_size=8", "zero=stage2", "data.seq_len=4096",
-                                    "trainer.micro_batch_size=1", "trainer.activation_checkpointing=true"])
+    cfg = load_recipe(["model=mixtral_8x7b", "parallel.ep_size=8", "zero=stage2", "data.seq_len=4096",
+                       "trainer.micro_batch_size=1", "trainer.activation_checkpointing=true"], world_size=32).config
     plan = build_plan(cfg, ClusterSpec.from_preset("h100", nodes=4))
     assert 46e9 < plan.total_params < 47.5e9  # Mixtral-8x7B: 46.7B
     assert plan.memory.num_params.expert * 8 == plan.expert_params_total
@@ -136,9 +136,9 @@ def test_known_model_sizes():
 
 
 def test_checkpointing_trades_memory_for_all_to_all():
-    cfg_off, _ = compose_recipe_config(["model=small", "parallel.ep_size=8", "data.seq_len=1024"])
-    cfg_on, _ = compose_recipe_config(["model=small", "parallel.ep_size=8", "data.seq_len=1024",
-                                       "trainer.activation_checkpointing=true"])
+    cfg_off = load_recipe(["model=small", "parallel.ep_size=8", "data.seq_len=1024"], world_size=8).config
+    cfg_on = load_recipe(["model=small", "parallel.ep_size=8", "data.seq_len=1024",
+                          "trainer.activation_checkpointing=true"], world_size=8).config
     cluster = ClusterSpec.from_preset("h100")
     off, on = build_plan(cfg_off, cluster), build_plan(cfg_on, cluster)
     assert on.activations.saved_checkpointed < off.activations.saved / 3
@@ -184,7 +184,7 @@ def test_layout_that_does_not_fit_exits_1_with_fixes_that_fit(capsys):
     plan = json.loads(out)
     assert code == EXIT_DOES_NOT_FIT and not plan["fits"] and plan["fixes"]
     for fix in plan["fixes"]:  # every suggested fix, applied as the user would, fits
-        cfg, _ = compose_recipe_config(overrides + fix)
+        cfg = load_recipe(overrides + fix, world_size=32).config
         assert build_plan(cfg, ClusterSpec.from_preset("h100", nodes=4)).fits, fix
     code, out, _ = run_main(capsys, *overrides, "--nodes", "4")
     assert "DOES NOT FIT" in out and "Fixes, one per line" in out
@@ -209,8 +209,8 @@ def test_autoep_is_not_modeled(capsys):
 
 
 def test_ep_group_across_nodes_is_flagged():
-    cfg, _ = compose_recipe_config(["model=olmoe_1b_7b", "parallel.ep_size=16", "zero=stage2",
-                                    "trainer.activation_checkpointing=true"])
+    cfg = load_recipe(["model=olmoe_1b_7b", "parallel.ep_size=16", "zero=stage2",
+                       "trainer.activation_checkpointing=true"], world_size=16).config
     plan = build_plan(cfg, ClusterSpec.from_preset("h100", nodes=2, gpus_per_node=8))
     assert plan.comm.ep_peers_other_nodes == 8 and plan.comm.ep_peers_same_node == 7
     assert any("network speed" in w for w in plan.warnings)
@@ -276,7 +276,7 @@ def test_active_params_per_token_are_what_a_token_passes_through(capsys):
     code, out, _ = run_main(capsys, *overrides, "--json")
     planned = json.loads(out)["active_params_per_token"]
     # Counted on the real model: every weight a token's matmuls use; of the routed experts, k of E.
-    config = compose_recipe_config(overrides)[0].model_config()
+    config = load_recipe(overrides, world_size=1).model
     expected = 0.0
     for name, p in MoeForCausalLM(config).named_parameters():
         if "embed_tokens" in name or "norm" in name:  # a lookup and elementwise scales, no matmul
