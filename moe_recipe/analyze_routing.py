@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-EXIT_OK, EXIT_USAGE = 0, 2
+from .errors import EXIT_INVALID_INPUT, check_output_folder, refuse_bad_input
+
+EXIT_OK, EXIT_USAGE = 0, EXIT_INVALID_INPUT
 
 
 def load(path: Path, tokenizer: str | None = None):
@@ -201,16 +203,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        model, tokenizer, source = load(args.model, args.tokenizer)
-    except (ValueError, OSError) as err:
-        print(f"moe-analyze-routing: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    text = args.text if args.text is not None else args.text_file.read_text()
-    input_ids = torch.tensor(tokenizer(text)["input_ids"][: args.max_tokens], dtype=torch.long)
-    if input_ids.numel() == 0:
-        print("moe-analyze-routing: the text has no tokens.", file=sys.stderr)
-        return EXIT_USAGE
+    with refuse_bad_input("moe-analyze-routing: error"):
+        try:
+            model, tokenizer, source = load(args.model, args.tokenizer)
+            text = args.text if args.text is not None else args.text_file.read_text()
+        except (OSError, UnicodeDecodeError) as err:  # a folder from_pretrained cannot read, a bad --text-file
+            raise ValueError(str(err)) from None
+        input_ids = torch.tensor(tokenizer(text)["input_ids"][: args.max_tokens], dtype=torch.long)
+        if input_ids.numel() == 0:
+            raise ValueError("the text has no tokens; pass a non-empty --text or --text-file.")
+        L = len(model.config.moe_layer_indices)
+        layers = args.layers if args.layers else sorted({0, L // 2, L - 1})
+        bad = [layer for layer in layers if not 0 <= layer < L]
+        if bad:
+            raise ValueError(f"--layers {bad} out of range; the model has MoE layers 0..{L - 1}.")
+        if args.out:
+            check_output_folder(args.out, "--out")
     tokens = [tokenizer.decode([i]) for i in input_ids.tolist()]
     experts_LTk = route_tokens(model, input_ids)
     num_experts = model.config.num_experts
@@ -219,13 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {source}")
     print(format_summary(summary))
     if args.out:
-        L = experts_LTk.shape[0]
-        layers = args.layers if args.layers else sorted({0, L // 2, L - 1})
-        bad = [layer for layer in layers if not 0 <= layer < L]
-        if bad:
-            print(f"moe-analyze-routing: --layers {bad} out of range; the model has MoE layers 0..{L - 1}.",
-                  file=sys.stderr)
-            return EXIT_USAGE
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(args.out / "routing_tokens.csv", tokens, experts_LTk)
         (args.out / "routing_summary.json").write_text(json.dumps(summary, indent=1))

@@ -19,12 +19,15 @@ resume ignores and the next save removes. Resume scans for the newest complete f
 import json
 import logging
 import os
+import pickletools
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 
 from moe_model import MoeConfig
 
@@ -156,11 +159,36 @@ def read_manifest(folder: Path) -> dict:
             problems.append(f"{name} is missing")
         elif file.stat().st_size != size:
             problems.append(f"{name} has {file.stat().st_size} bytes, {size} when saved (truncated?)")
+    if not problems:
+        problems = [f"{name} {problem}" for name in manifest["files"] if (problem := _unreadable(folder / name))]
     if problems:
         more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
         raise ValueError(f"checkpoint {folder} is damaged: {'; '.join(problems[:4])}{more}. Delete it to resume from "
                          "an older checkpoint, or restore it from a copy.")
     return manifest
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a checkpoint file of the right size cannot be what was saved, from its structure alone (no tensor bytes
+    are read): a torch file must be a zip archive whose pickle is well formed, a safetensors file must have a valid
+    header. DeepSpeed unpickles its files without such checks and fails deep inside pickle or safetensors."""
+    if path.suffix == ".pt":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                pickle_name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                for _ in pickletools.genops(archive.read(pickle_name)):  # read() checks the CRC
+                    pass
+        except StopIteration:
+            return "has no pickle (not a torch.save file)"
+        except (zipfile.BadZipFile, ValueError, EOFError) as err:
+            return f"is not a readable torch.save file ({' '.join(str(err).split())[:80]})"
+    elif path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError as err:
+            return f"is not a readable safetensors file ({err})"
+    return None
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -247,7 +275,8 @@ def _warn_changed_settings(manifest: dict, config: MoeConfig, folder: Path) -> N
 
 def check_resume(resume: str, checkpoint_dir: Path, config: MoeConfig) -> Path | None:
     """What the entry point runs before any process group exists: resolve trainer.resume and check the checkpoint
-    (complete, undamaged, same model) so that a bad one stops every rank with one message."""
+    (complete, undamaged, same model) so that a bad one stops every rank with one message. Says so when it passes
+    over a newer save that did not finish."""
     path = resolve_resume_dir(resume, checkpoint_dir)
     if path is not None:
         manifest = read_manifest(path)
@@ -256,6 +285,12 @@ def check_resume(resume: str, checkpoint_dir: Path, config: MoeConfig) -> Path |
             raise ValueError(f"checkpoint {path} holds the LR schedule of DeepSpeed's WarmupCosineLR, which this "
                              "version replaced (moe_recipe/lr_schedule.py); resuming would restart the schedule. "
                              "Finish that run with the version that started it, or use a new trainer.run_dir.")
+        tags = (_TAG.match(p.name.removesuffix(INCOMPLETE)) for p in path.parent.glob(f"step_*{INCOMPLETE}"))
+        unfinished = sorted(f"{tag.group(0)}{INCOMPLETE}" for tag in tags
+                            if tag and int(tag.group(1)) > manifest["step"])
+        if unfinished:
+            log.warning("resuming from %s, not from the newer %s: a save that did not finish (the job was killed "
+                        "while writing it); the next checkpoint removes it", path, ", ".join(unfinished))
     return path
 
 

@@ -23,7 +23,6 @@ import argparse
 import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from transformers import AutoTokenizer, GenerationConfig, MixtralConfig
 from moe_model import MoeConfig
 
 from .checkpoint import INCOMPLETE, MANIFEST, list_checkpoints, read_manifest
+from .errors import check_output_folder, refuse_bad_input
 from .reshard import read_weights
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def export(checkpoint: Path, output: Path, fmt: str = "hf", dtype: str = "float3
     manifest = read_manifest(checkpoint)
     if manifest["tensors"] is None:
         raise ValueError(f"checkpoint {checkpoint} holds no layout-independent weights to export.")
+    check_output_folder(output, "output")
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"{output} exists and is not empty; export into a new folder.")
     tokenizer = AutoTokenizer.from_pretrained(str(find_tokenizer(checkpoint, tokenizer)))
@@ -176,11 +177,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokenizer folder (default: the run's tokenizer/, else its config's data.tokenizer)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with refuse_bad_input("moe-export: error"):
         used = export(args.checkpoint, args.output, args.format, args.dtype, args.tokenizer)
-    except ValueError as err:
-        print(f"moe-export: error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(f"exported {used} to {args.output}")
 
 

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .data import SOURCES, DataConfig, load_documents, resolve_path
+from .errors import check_output_folder, refuse_bad_input
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -24,13 +25,17 @@ SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN]
 NUM_BYTES = 256
 
 
-def train_tokenizer(texts: Iterator[str], vocab_size: int, length: int | None = None) -> PreTrainedTokenizerFast:
+def check_vocab_size(vocab_size: int) -> None:
     min_vocab_size = NUM_BYTES + len(SPECIAL_TOKENS)
     if vocab_size <= min_vocab_size:
         raise ValueError(
             f"--vocab-size={vocab_size} leaves no room for merges beyond the {NUM_BYTES} bytes and "
             f"{len(SPECIAL_TOKENS)} special tokens; set it above {min_vocab_size}."
         )
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int, length: int | None = None) -> PreTrainedTokenizerFast:
+    check_vocab_size(vocab_size)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -86,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         cache_dir=args.cache_dir,
     )
     start = time.perf_counter()
-    documents = load_documents(data_cfg)
+    output = resolve_path(args.output)
+    with refuse_bad_input("moe-train-tokenizer: error"):
+        check_vocab_size(args.vocab_size)
+        check_output_folder(output, "--output")
+        documents = load_documents(data_cfg)
     texts = list(documents[args.text_field])
     num_chars = sum(len(text) for text in texts)
     print(f"Corpus: {len(documents)} documents, {num_chars:,} characters (source={args.source}).", flush=True)
@@ -94,7 +103,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Training a byte-level BPE with {args.vocab_size} tokens...", flush=True)
     tokenizer = train_tokenizer(iter(texts), args.vocab_size, length=len(texts))
 
-    output = resolve_path(args.output)
     tokenizer.save_pretrained(str(output))
     num_tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     print(
