@@ -58,13 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import load_recipe
     from ..errors import CONFIG_ERRORS, input_error_message
 
     args = parse_args(argv)
     try:
         # DeepSpeed logs to stdout (on import, and later): keep stdout for the report or the JSON document alone.
         with contextlib.redirect_stdout(sys.stderr):
+            from ..config import load_recipe  # imports the model, hence DeepSpeed
+
             cluster = ClusterSpec.from_preset(
                 args.gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node, memory_gib=args.gpu_memory_gib,
                 intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps,
