@@ -222,9 +222,10 @@ def build_recipe(cfg: RecipeConfig, world_size: int, tokenizer: PreTrainedTokeni
     if tokenizer is not None:
         model.update({"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                       "eos_token_id": tokenizer.eos_token_id})
+    if resolved is None:
+        resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     total_steps = max_steps(cfg, world_size)
-    return Recipe(config=cfg, resolved=resolved if resolved is not None else OmegaConf.to_container(
-                      OmegaConf.structured(cfg)), world_size=world_size, model=model, total_steps=total_steps,
+    return Recipe(config=cfg, resolved=resolved, world_size=world_size, model=model, total_steps=total_steps,
                   deepspeed=build_deepspeed_config(cfg, model, world_size), tokenizer=tokenizer)
 
 
