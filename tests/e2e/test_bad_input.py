@@ -19,7 +19,7 @@ import pytest
 
 from moe_model import MoeConfig
 from moe_recipe.checkpoint import check_resume, read_manifest
-from tests.distributed.launch import REPO, free_port, run_command
+from tests.helpers import REPO, free_port, run_command
 
 TRAIN = REPO / "recipes" / "train.py"
 BIN = Path(sys.executable).parent
