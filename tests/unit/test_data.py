@@ -222,6 +222,8 @@ def test_settings_without_effect_warn():
         DataConfig(data_files=["a.txt"]).validate()
 
 
-def test_tokenizer_command_rejects_a_vocabulary_without_merges(tmp_path):
-    with pytest.raises(ValueError, match="--vocab-size=258"):
+def test_tokenizer_command_rejects_a_vocabulary_without_merges(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_status:
         tokenizer_command.main(["--vocab-size", "258", "--output", str(tmp_path / "tok"), "--cache-dir", str(tmp_path)])
+    assert exit_status.value.code == 2 and "--vocab-size=258" in capsys.readouterr().err
+    assert not (tmp_path / "tok").exists()
