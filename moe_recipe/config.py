@@ -240,10 +240,19 @@ def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | Non
     if ep < 1:
         raise ValueError(f"parallel.ep_size={ep} must be >= 1.")
     m = cfg.model
-    if m.head_dim is None and m.num_attention_heads > 0 and m.hidden_size % m.num_attention_heads:
+    # MoeConfig derives head_dim by dividing: these come first, or a zero head count ends in ZeroDivisionError.
+    if m.num_attention_heads < 1:
+        raise ValueError(f"model.num_attention_heads={m.num_attention_heads} must be >= 1.")
+    if m.head_dim is None and m.hidden_size % m.num_attention_heads:
         raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
                          f"{m.num_attention_heads}; pick a head count that divides it, or set model.head_dim "
                          "explicitly (the attention then projects to num_attention_heads * head_dim).")
+    for name in ("rope_theta", "rms_norm_eps"):
+        if getattr(m, name) <= 0:
+            raise ValueError(f"model.{name}={getattr(m, name)} must be > 0.")
+    if m.min_capacity < 0 or m.initializer_range < 0:
+        raise ValueError(f"model.min_capacity={m.min_capacity} and model.initializer_range={m.initializer_range} "
+                         "must be >= 0.")
     model = cfg.model_config()  # MoeConfig.validate: top-k, heads, layers, ...
     model.validate_ep_size(ep)
     if world_size % ep:
