@@ -92,20 +92,18 @@ def worker(store: Path, steps: int, out: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from moe_recipe.config import recipe_config_from_dict
-    from moe_recipe.data import load_tokenizer, open_training_data
+    from moe_recipe.config import load_recipe
+    from moe_recipe.data import open_training_data
     from moe_recipe.engine import build_model, initialize_engine
     from moe_recipe.metrics import MetricsSink
-    from moe_recipe.plan.cli import compose_recipe_config
     from moe_recipe.trainer import Trainer
 
-    cfg, resolved = compose_recipe_config([f"data.store={store}", "parallel.ep_size=2", "trainer.micro_batch_size=4",
-                                           f"trainer.run_dir={store / 'run'}", "trainer.precision=fp32"])
-    cfg = recipe_config_from_dict(resolved)
+    recipe = load_recipe([f"data.store={store}", "parallel.ep_size=2", "trainer.micro_batch_size=4",
+                          f"trainer.run_dir={store / 'run'}", "trainer.precision=fp32"])
+    cfg = recipe.config
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    tokenizer = load_tokenizer(cfg.data)
-    data = open_training_data(cfg.data, tokenizer, global_batch_size=4 * world, eval_batch_size=4 * world)
+    data = open_training_data(cfg.data, recipe.tokenizer, global_batch_size=4 * world, eval_batch_size=4 * world)
     fetch = {"seconds": 0.0}
     read = data.train_micro_batch
 
@@ -117,9 +115,8 @@ def worker(store: Path, steps: int, out: Path) -> None:
 
     data.train_micro_batch = timed_read
     torch.manual_seed(0)
-    model_config = cfg.model_config()
-    engine = initialize_engine(build_model(model_config, cfg.parallel.ep_size), cfg, world)
-    trainer = Trainer(engine, cfg, model_config, data, store / "run", MetricsSink(store / "run", cfg.logging, "b", {},
+    engine = initialize_engine(build_model(recipe.model, cfg.parallel.ep_size), cfg, recipe.deepspeed)
+    trainer = Trainer(engine, cfg, recipe.model, data, store / "run", MetricsSink(store / "run", cfg.logging, "b", {},
                                                                                     enabled=False), steps)
     trainer.train_step(0)  # warm-up
     fetch["seconds"] = 0.0

@@ -12,7 +12,6 @@ and the store exists), 2 bad input (one message, nothing written).
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from .data import (build_store, default_store_path, load_tokenizer, open_store, resolve_path, store_components,
                    store_from_tokens, tokenizer_fingerprint)
 from .data.store import MANIFEST
+from .errors import refuse_bad_input
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -44,24 +44,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def compose_data_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    """The data section of the training config, composed and typed as recipes/train.py does (config.load_recipe)."""
+    from .config import compose, typed_config
 
-    from .config import CONF_DIR, recipe_config_from_dict
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        hydra_cfg = compose(config_name="config", overrides=list(overrides))
-    return recipe_config_from_dict(OmegaConf.to_container(hydra_cfg, resolve=True)).data
+    return typed_config(compose(overrides))[0].data
 
 
 def prepare(args: argparse.Namespace) -> None:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        cfg = compose_data_config(args.overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(str(err).strip().splitlines()[0]) from None
+    cfg = compose_data_config(args.overrides)
     cfg.validate()
     if args.num_proc < 1:
         raise ValueError(f"--num-proc={args.num_proc} must be at least 1.")
@@ -102,11 +92,8 @@ def prepare(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
+    with refuse_bad_input("moe-prepare-data: error"):
         prepare(args)
-    except ValueError as err:
-        print(f"moe-prepare-data: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
