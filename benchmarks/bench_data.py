@@ -115,7 +115,8 @@ def worker(store: Path, steps: int, out: Path) -> None:
 
     data.train_micro_batch = timed_read
     torch.manual_seed(0)
-    engine = initialize_engine(build_model(recipe.model, cfg.parallel.ep_size), cfg, recipe.deepspeed)
+    engine = initialize_engine(build_model(recipe.model, cfg.parallel.ep_size), cfg, recipe.deepspeed,
+                               recipe.total_steps)
     trainer = Trainer(engine, cfg, recipe.model, data, store / "run", MetricsSink(store / "run", cfg.logging, "b", {},
                                                                                     enabled=False), steps)
     trainer.train_step(0)  # warm-up
