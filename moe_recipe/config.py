@@ -10,7 +10,6 @@ import os
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -20,13 +19,11 @@ from transformers import PreTrainedTokenizerBase
 from moe_model import MoeConfig
 from moe_model.configuration_moe import backends_with
 
-from .data import DataConfig, load_tokenizer, resolve_path
+from .data import DataConfig, load_tokenizer, tokenizer_path
 from .errors import unknown_key_message
 from .lr_schedule import SCHEDULES, decay_steps
+from .resources import CONF_DIR  # noqa: F401  (the Hydra config groups, in a clone or a wheel)
 
-# The Hydra config groups. An absolute path: `python recipes/train.py`, the installed `moe-train` and `moe-plan`
-# all compose the same conf/.
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -208,7 +205,7 @@ def load_recipe(config: DictConfig | Sequence[str] = (), world_size: int | None 
     composed = config if isinstance(config, DictConfig) else compose(config)
     cfg, resolved = typed_config(composed)
     tokenizer = None
-    if require_tokenizer or (resolve_path(cfg.data.tokenizer) / "tokenizer.json").is_file():
+    if require_tokenizer or (tokenizer_path(cfg.data) / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(cfg.data)
     return build_recipe(cfg, world_size_from_env() if world_size is None else world_size, tokenizer, resolved)
 

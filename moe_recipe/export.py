@@ -74,11 +74,11 @@ def find_tokenizer(checkpoint: Path, tokenizer: Path | None) -> Path:
         if (run_dir / "config.yaml").is_file():
             from omegaconf import OmegaConf
 
-            from .data import resolve_path
+            from .data import DataConfig, tokenizer_path
 
             configured = OmegaConf.load(run_dir / "config.yaml").get("data", {}).get("tokenizer")
             if configured:
-                candidates.append(resolve_path(configured))
+                candidates.append(tokenizer_path(DataConfig(tokenizer=configured)))
     for candidate in candidates:
         if (candidate / "tokenizer.json").is_file():
             return candidate

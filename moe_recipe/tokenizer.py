@@ -10,7 +10,6 @@ The corpus flags mean the same as the `data` section of the training config, so 
 import argparse
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -57,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=4096, help="Size of the vocabulary, special tokens included.")
     parser.add_argument("--output", default=defaults.tokenizer,
-                        help="Folder to save into; relative paths resolve against the repository root.")
+                        help="Folder to save into; relative paths start at the working directory.")
     corpus = parser.add_argument_group("corpus (same meaning as the data section of the training config)")
     corpus.add_argument("--source", choices=SOURCES, default=defaults.source)
     corpus.add_argument("--path", help="json/text/parquet/csv for --source files; the dataset name for --source hub.")
@@ -69,20 +68,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     corpus.add_argument("--max-documents", type=int, help="Train on the first N documents only.")
     corpus.add_argument("--streaming", action="store_true", help="Stream the hub dataset (needs --max-documents).")
     corpus.add_argument("--cache-dir", default=defaults.cache_dir,
-                        help="Relative paths resolve against the repository root.")
+                        help="Relative paths start at the working directory.")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    data_files = args.data_files
-    if args.source == "files" and data_files:
-        # DataConfig resolves relative paths against the repository root; on the command line the shell's is expected.
-        data_files = [str(Path(f).resolve()) for f in data_files]
     data_cfg = DataConfig(
         source=args.source,
         path=args.path,
-        data_files=data_files,
+        data_files=args.data_files,
         name=args.name,
         split=args.split,
         text_field=args.text_field,

@@ -10,7 +10,7 @@
 
 from .config import FILE_BUILDERS, SOURCES, DataConfig, MixtureComponent
 from .documents import (check_data_files, load_documents, load_tokenizer, resolve_path, split_documents,
-                        tokenizer_fingerprint, write_pydoc_corpus)
+                        tokenizer_fingerprint, tokenizer_path, write_pydoc_corpus)
 from .open import open_training_data, store_components
 from .prepare import build_store, build_store_on_first_use, default_store_path, store_from_tokens
 from .sampler import TrainingData, permute
@@ -37,5 +37,6 @@ __all__ = [
     "store_components",
     "store_from_tokens",
     "tokenizer_fingerprint",
+    "tokenizer_path",
     "write_pydoc_corpus",
 ]

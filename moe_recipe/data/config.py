@@ -14,7 +14,7 @@ class MixtureComponent:
     name: str
     """Short name: the metric data/<name>_fraction and eval/<name>/loss."""
     store: str
-    """Folder of a store written by moe-prepare-data (relative paths resolve against the repository root)."""
+    """Folder of a store written by moe-prepare-data (relative paths start at the working directory)."""
     weight: float
     """Relative share of training samples; weights are normalised to sum to 1."""
 
@@ -36,13 +36,14 @@ class DataConfig:
     path: str | None = None
     """Builder name for "files" (json, text, parquet, csv) or the dataset name for "hub"."""
     data_files: list[str] | None = None
-    """Local files for "files" (relative paths resolve against the repository root), or data files of a hub dataset."""
+    """Local files for "files" (relative paths start at the working directory), or data files of a hub dataset."""
     name: str | None = None
     """Hub dataset config name."""
     split: str = "train"
     text_field: str = "text"
     tokenizer: str = "assets/tokenizer"
-    """Local tokenizer folder; relative paths resolve against the repository root."""
+    """Local tokenizer folder; a relative one not found from the working directory is looked up among the
+    files shipped with the package (the default, assets/tokenizer, is: a clone's folder or the wheel's copy)."""
     seq_len: int = 128
     val_fraction: float = 0.05
     streaming: bool = False

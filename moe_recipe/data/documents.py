@@ -16,17 +16,25 @@ import torch
 from pydoc_data.topics import topics as pydoc_topics
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ..resources import project_path
 from .config import DataConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TEXT_BUILDERS = ("json", "text", "csv")
 SNIFF_BYTES = 64 * 1024
 
 
 def resolve_path(path: str) -> Path:
-    """Relative paths resolve against the repository root, so runs behave the same from any working directory."""
-    resolved = Path(path).expanduser()
-    return resolved if resolved.is_absolute() else REPO_ROOT / resolved
+    """A path the user gave (data files, cache, store, tokenizer): relative ones start at the working directory."""
+    return Path(path).expanduser().absolute()
+
+
+def tokenizer_path(cfg: DataConfig) -> Path:
+    """data.tokenizer as a folder. A relative one that is not there from the working directory is looked up among
+    the files shipped with the package, so the default `assets/tokenizer` works from any folder and in a wheel."""
+    folder = resolve_path(cfg.tokenizer)
+    if not folder.exists() and project_path(cfg.tokenizer).exists():
+        return project_path(cfg.tokenizer)
+    return folder
 
 
 def write_pydoc_corpus(cache_dir: Path) -> Path:
@@ -137,7 +145,7 @@ def load_documents(cfg: DataConfig) -> datasets.Dataset:
 
 
 def load_tokenizer(cfg: DataConfig) -> PreTrainedTokenizerFast:
-    folder = resolve_path(cfg.tokenizer)
+    folder = tokenizer_path(cfg)
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(
             f"No tokenizer at {folder} (data.tokenizer={cfg.tokenizer!r}). Point data.tokenizer at a tokenizer folder, "
@@ -155,7 +163,7 @@ def load_tokenizer(cfg: DataConfig) -> PreTrainedTokenizerFast:
 
 def tokenizer_fingerprint(cfg: DataConfig) -> str:
     """sha256 of tokenizer.json: two tokenizers with the same hash encode every text the same way."""
-    return hashlib.sha256((resolve_path(cfg.tokenizer) / "tokenizer.json").read_bytes()).hexdigest()
+    return hashlib.sha256((tokenizer_path(cfg) / "tokenizer.json").read_bytes()).hexdigest()
 
 
 def split_documents(num_documents: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -170,7 +178,6 @@ def split_documents(num_documents: int, val_fraction: float, seed: int) -> tuple
 
 
 __all__ = [
-    "REPO_ROOT",
     "check_data_files",
     "load_documents",
     "load_tokenizer",
@@ -178,5 +185,6 @@ __all__ = [
     "source_files",
     "split_documents",
     "tokenizer_fingerprint",
+    "tokenizer_path",
     "write_pydoc_corpus",
 ]
