@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe_recipe.checkpoint import check_resume
-from moe_recipe.config import CONF_DIR, Recipe, global_batch_size, load_recipe
+from moe_recipe.config import CONF_DIR, Recipe, RecipeConfig, global_batch_size, load_recipe
 from moe_recipe.data import TrainingData, open_training_data
 from moe_recipe.engine import check_precision_supported
 from moe_recipe.errors import check_output_folder, refuse_bad_input
@@ -79,7 +79,10 @@ def preflight(hydra_cfg: DictConfig) -> tuple[Recipe, TrainingData]:
     return recipe, data
 
 
-def train(recipe: Recipe, data: TrainingData) -> None:
+def train(cfg: RecipeConfig, recipe: Recipe, data: TrainingData) -> None:
+    # cfg comes in as an argument: an attribute named `config` read here, beside `import torch.distributed`, makes
+    # cloudpickle (hydra-submitit-launcher pickles this __main__ function by value) take torch.distributed.config,
+    # which it cannot pickle.
     import deepspeed
     import torch.distributed as dist
 
@@ -87,7 +90,6 @@ def train(recipe: Recipe, data: TrainingData) -> None:
     from moe_recipe.metrics import MetricsSink
     from moe_recipe.trainer import Trainer
 
-    cfg = recipe.config
     default_single_process_env()
     check_op_build_lock()  # before init_distributed, which loads (and on first use builds) DeepSpeed's comm op
     deepspeed.init_distributed()
@@ -133,7 +135,7 @@ def hydra_main(hydra_cfg: DictConfig) -> None:
     # Every check runs before any process group exists: bad input stops all ranks with one message.
     with refuse_bad_input(PREFIX, speak=is_rank_zero()):
         recipe, data = preflight(hydra_cfg)
-    train(recipe, data)
+    train(recipe.config, recipe, data)
 
 
 def main() -> None:

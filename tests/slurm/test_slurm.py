@@ -138,10 +138,6 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, workdir, reference):
     assert_same_losses(run_dir, reference[0])
 
 
-# Known regression (this session's start-up changes, issue #11): hydra-submitit-launcher cloudpickles its launcher and
-# the task function, which now fails with "cannot pickle 'ConfigModuleInstance' object" (a torch config module).
-# Strict: the test reports as soon as the sweep works again.
-@pytest.mark.xfail(strict=True, reason="submitit cannot pickle a torch ConfigModuleInstance (issue #11 note)")
 def test_hydra_sweep_through_submitit(slurm, workdir, reference):
     """`--multirun hydra/launcher=slurm`: one array job per learning rate, 2 tasks each (ranks from srun_rank.sh)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
