@@ -6,6 +6,22 @@ from dataclasses import dataclass
 from transformers import PretrainedConfig
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
+SCORE_FUNCS = ("softmax", "sigmoid")
+# router_balance: "none", one loss, "bias", or "bias+<loss>" (DeepSeek-V3 pairs the bias with a small sequence loss).
+BALANCE_LOSSES = ("aux", "global", "sequence")
+
+
+def parse_balance(balance: str) -> tuple[str | None, bool]:
+    """`router_balance` -> (the balancing loss or None, whether the expert bias is on). Raises ValueError."""
+    parts = balance.split("+")
+    uses_bias = "bias" in parts
+    losses = [part for part in parts if part != "bias"]
+    valid = (balance == "none" or (len(parts) == len(set(parts)) and len(losses) <= 1
+                                   and all(part in BALANCE_LOSSES for part in losses)))
+    if not valid:
+        raise ValueError(f"router_balance={balance!r} must be 'none', one of {list(BALANCE_LOSSES)}, 'bias', or "
+                         "'bias+' one of those losses (e.g. 'bias+sequence', DeepSeek-V3's pairing).")
+    return (losses[0] if losses else None), uses_bias
 
 
 @dataclass(frozen=True)
@@ -49,10 +65,30 @@ class MoeConfig(PretrainedConfig):
     A decoder-only transformer (RMSNorm, RoPE, GQA through SDPA, SwiGLU) whose feed-forwards are, on the MoE layers,
     DeepSpeed MoE layers (`deepspeed.moe.layer.MoE`), optionally with shared experts beside the routed ones.
 
-    Routing options map one to one onto DeepSpeed's MoE arguments:
-    `num_experts`, `num_experts_per_tok` (k), `capacity_factor`, `eval_capacity_factor`, `min_capacity`,
-    `drop_tokens`, `noisy_gate_policy` (None, "Jitter", "RSample"), `use_rts`, `top2_2nd_expert_sampling`,
-    `use_residual` (PR-MoE).
+    Routing (`moe_model.modeling_moe.route_tokens` is its one implementation):
+      - scores: `router_score_func` "softmax" (Mixtral, Qwen3-MoE) or "sigmoid" (DeepSeek-V3) over fp32 logits;
+      - choice: the top `num_experts_per_tok` (k) scores, plus the expert bias when balancing uses one; with
+        `router_n_group` groups of consecutive experts, only the `router_topk_group` groups with the highest sum
+        of their two best scores are eligible (DeepSeek-V3's group-limited routing; with router_n_group = ep_size
+        a group is one expert-parallel rank's experts, so a token's routes reach at most router_topk_group ranks);
+      - weights: the chosen experts' unbiased scores, divided by their sum when `router_norm_topk_prob` (None:
+        for k > 1, DeepSpeed's rule), times `router_scaling_factor`.
+    Balancing (`router_balance`), weighted by `router_aux_loss_coef`:
+      - "aux": DeepSpeed's load-balancing loss, computed per rank on its own tokens (so it depends on the layout);
+      - "global": the same Switch-style loss with the expert frequencies counted over the whole data- and
+        expert-parallel world (Megatron-Core's global aux loss), so loss and gradient do not depend on the layout;
+      - "sequence": DeepSeek-V3's complementary sequence-wise loss, averaged over sequences;
+      - "bias": auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias (`e_score_correction_bias`, a
+        buffer) added to the scores for the choice only, moved by `router_bias_update_rate` towards balance after
+        each optimizer step from the global load; "bias+sequence" (or +global, +aux) adds that loss;
+      - "none". `router_z_loss_coef` weighs ST-MoE's z-loss in every case.
+    Training-only options map onto DeepSpeed's MoE arguments: `capacity_factor`, `min_capacity`, `drop_tokens`
+    (capacity-based token dropping while training; eval, generate() and exports never drop, so a sequence's
+    outputs do not depend on its batch mates), `noisy_gate_policy` (None, "Jitter", "RSample"), `use_rts`
+    (top-1 only), `top2_2nd_expert_sampling` (top-2 only), `use_residual` (PR-MoE). `eval_capacity_factor` is
+    kept for old configs and has no effect. DeepSpeed's own gate routes when it can express the routing (softmax,
+    no bias, no groups, no scaling, DeepSpeed's top-k normalisation); otherwise the layer gets `MoeGate`, the
+    project's gate with the same contract.
 
     The parallel layout is not part of the config: the model is built for it (`MoeForCausalLM(config, ep_size=...,
     ep_rank=...)`), so a saved config never says how many ranks trained it. Configs saved by earlier versions carry
@@ -95,14 +131,21 @@ class MoeConfig(PretrainedConfig):
         min_capacity: int = 4,
         drop_tokens: bool = True,
         noisy_gate_policy: str | None = None,
-        use_rts: bool = True,
-        top2_2nd_expert_sampling: bool = True,
+        use_rts: bool = False,
+        top2_2nd_expert_sampling: bool = False,
         use_residual: bool = False,
         num_shared_experts: int = 0,
         moe_layer_freq: int = 1,
         first_k_dense_replace: int = 0,
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
+        router_balance: str = "aux",
+        router_score_func: str = "softmax",
+        router_norm_topk_prob: bool | None = None,
+        router_scaling_factor: float = 1.0,
+        router_n_group: int | None = None,
+        router_topk_group: int | None = None,
+        router_bias_update_rate: float = 0.001,
         moe_backend: str = "deepspeed",
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
@@ -137,6 +180,13 @@ class MoeConfig(PretrainedConfig):
         self.first_k_dense_replace = first_k_dense_replace
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
+        self.router_balance = router_balance
+        self.router_score_func = router_score_func
+        self.router_norm_topk_prob = router_norm_topk_prob
+        self.router_scaling_factor = router_scaling_factor
+        self.router_n_group = router_n_group
+        self.router_topk_group = router_topk_group
+        self.router_bias_update_rate = router_bias_update_rate
         self.moe_backend = moe_backend
         kwargs.pop("ep_size", None)  # the layout, stored by configs saved before it moved out of the config
         self.validate()
@@ -187,6 +237,7 @@ class MoeConfig(PretrainedConfig):
             fail("no layer is an MoE layer with these first_k_dense_replace / moe_layer_freq settings.")
         if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
             fail("router_aux_loss_coef and router_z_loss_coef must be >= 0.")
+        self.validate_router(fail)
         if self.moe_backend not in MOE_BACKENDS:
             fail(f"moe_backend={self.moe_backend!r} must be one of {list(MOE_BACKENDS)}.")
         backend = self.backend_support
@@ -207,6 +258,91 @@ class MoeConfig(PretrainedConfig):
             warnings.warn(f"MoeConfig: moe_backend={self.moe_backend!r} is dropless top-k routing, so {ignored} (and "
                           "the capacity settings) have no effect; set them to false to silence this warning.",
                           stacklevel=3)
+        for message in self.ineffective_settings():
+            warnings.warn(f"MoeConfig: {message}", stacklevel=3)
+
+    def validate_router(self, fail) -> None:
+        try:
+            parse_balance(self.router_balance)
+        except ValueError as err:
+            fail(str(err))
+        if self.router_score_func not in SCORE_FUNCS:
+            fail(f"router_score_func={self.router_score_func!r} must be one of {list(SCORE_FUNCS)}.")
+        if self.router_scaling_factor <= 0:
+            fail(f"router_scaling_factor={self.router_scaling_factor} must be > 0.")
+        if self.router_bias_update_rate < 0:
+            fail(f"router_bias_update_rate={self.router_bias_update_rate} must be >= 0.")
+        if (self.router_n_group is None) != (self.router_topk_group is None):
+            fail("router_n_group and router_topk_group go together: set both (group-limited routing) or neither.")
+        if self.router_n_group is not None:
+            E, groups, topk_group = self.num_experts, self.router_n_group, self.router_topk_group
+            if groups < 1 or E % groups or E // groups < 2:
+                fail(f"router_n_group={groups} must divide num_experts={E} into groups of at least 2 experts "
+                     "(a group is scored by the sum of its two best experts).")
+            if not 1 <= topk_group <= groups:
+                fail(f"router_topk_group={topk_group} must lie in [1, router_n_group={groups}].")
+            if topk_group * (E // groups) < self.num_experts_per_tok:
+                fail(f"router_topk_group={topk_group} groups of {E // groups} experts hold fewer than "
+                     f"num_experts_per_tok={self.num_experts_per_tok}; raise router_topk_group.")
+        if not self.uses_deepspeed_gate and self.noisy_gate_policy is not None:
+            fail(f"noisy_gate_policy={self.noisy_gate_policy!r} needs DeepSpeed's own gate, which cannot express "
+                 f"this routing ({', '.join(self.routing_beyond_deepspeed_gate())}); set noisy_gate_policy=null.")
+
+    def ineffective_settings(self) -> list[str]:
+        """Settings that are accepted but change nothing with this config: each one a message that says why."""
+        k, messages = self.num_experts_per_tok, []
+        loss, uses_bias = self.balance_loss, self.uses_expert_bias
+        deepspeed_gate = self.backend_support.capacity and self.uses_deepspeed_gate
+        if self.use_rts and (k != 1 or not deepspeed_gate):
+            messages.append("use_rts (Random Token Selection) acts only in DeepSpeed's top-1 gate; it has no effect "
+                            f"with num_experts_per_tok={k}" + ("" if deepspeed_gate else " or this routing") +
+                            "; set use_rts=false.")
+        if self.top2_2nd_expert_sampling and self.backend_support.sampled_second_expert and (
+                k != 2 or not deepspeed_gate):
+            messages.append("top2_2nd_expert_sampling acts only in DeepSpeed's top-2 gate; it has no effect here; "
+                            "set top2_2nd_expert_sampling=false.")
+        if loss is None and self.router_aux_loss_coef > 0:
+            messages.append(f"router_aux_loss_coef={self.router_aux_loss_coef} has no effect with router_balance="
+                            f"{self.router_balance!r} (no balancing loss); set it to 0, or use "
+                            "router_balance='bias+sequence' for DeepSeek-V3's small sequence-wise loss.")
+        if not uses_bias and self.router_bias_update_rate != 0.001:
+            messages.append("router_bias_update_rate has no effect without the expert bias (router_balance='bias' "
+                            "or 'bias+...').")
+        if self.eval_capacity_factor != 1.0:
+            messages.append("eval_capacity_factor has no effect: evaluation and generation never drop tokens.")
+        return messages
+
+    @property
+    def balance_loss(self) -> str | None:
+        """The balancing loss of `router_balance` ("aux", "global", "sequence") or None."""
+        return parse_balance(self.router_balance)[0]
+
+    @property
+    def uses_expert_bias(self) -> bool:
+        """Auxiliary-loss-free balancing: a per-expert bias on the scores for the top-k choice."""
+        return parse_balance(self.router_balance)[1]
+
+    @property
+    def norm_topk(self) -> bool:
+        """Whether the chosen experts' weights are divided by their sum (None: DeepSpeed's rule, for k > 1)."""
+        if self.router_norm_topk_prob is None:
+            return self.num_experts_per_tok > 1
+        return self.router_norm_topk_prob
+
+    def routing_beyond_deepspeed_gate(self) -> list[str]:
+        """What in this routing DeepSpeed's TopKGate cannot do (empty: it can route this config)."""
+        return [what for what, on in (
+            (f"router_score_func={self.router_score_func!r}", self.router_score_func != "softmax"),
+            ("the expert bias", self.uses_expert_bias),
+            ("group-limited routing", self.router_n_group is not None),
+            (f"router_scaling_factor={self.router_scaling_factor}", self.router_scaling_factor != 1.0),
+            (f"router_norm_topk_prob={self.router_norm_topk_prob}", self.norm_topk != (self.num_experts_per_tok > 1)),
+        ) if on]
+
+    @property
+    def uses_deepspeed_gate(self) -> bool:
+        """The native backend routes with DeepSpeed's TopKGate (else with the project's MoeGate)."""
+        return not self.routing_beyond_deepspeed_gate()
 
     @property
     def backend_support(self) -> MoeBackend:
@@ -228,4 +364,4 @@ class MoeConfig(PretrainedConfig):
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
 
-__all__ = ["MOE_BACKENDS", "MoeBackend", "MoeConfig", "backends_with"]
+__all__ = ["BALANCE_LOSSES", "MOE_BACKENDS", "SCORE_FUNCS", "MoeBackend", "MoeConfig", "backends_with", "parse_balance"]

@@ -10,12 +10,15 @@ Shape legend used in tensor names:
     k experts per token, N routed (token, slot) pairs (T * k), L MoE layers.
 """
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -152,27 +155,38 @@ def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(router_logits_TE.float(), dim=-1).square().mean()
 
 
-def renormalizes_top_k(config: MoeConfig) -> bool:
-    """DeepSpeed's gates weigh a top-1 expert by its softmax probability; top-2 and top-k weights are renormalized."""
-    return config.num_experts_per_tok > 1
-
-
 class MoeRoute(NamedTuple):
-    probs_TE: torch.Tensor  # fp32 softmax over the router logits
-    weights_Tk: torch.Tensor  # combine weights of the chosen experts
-    experts_Tk: torch.Tensor  # the chosen experts, best first
+    probs_TE: torch.Tensor  # fp32 scores normalised over the experts (softmax; sigmoid / its sum): the losses' P
+    weights_Tk: torch.Tensor  # combine weights of the chosen experts (normalised, scaled)
+    experts_Tk: torch.Tensor  # the chosen experts, best first (by biased score)
 
 
-def route_top_k(router_logits_TE: torch.Tensor, k: int, renormalize: bool) -> MoeRoute:
-    """Softmax (fp32) top-k routing, as AutoEP's router and DeepSpeed's gates without noise or capacity.
+def route_tokens(router_logits_TE: torch.Tensor, config: MoeConfig, expert_bias_E: torch.Tensor | None = None) -> MoeRoute:
+    """The router's decision for each token: the one implementation of `MoeConfig`'s routing (see its docstring).
 
-    The one place top-k is taken: the autoep block routes with it, the recorder counts the router's demand with it.
+    It is what AutoEP's TokenChoiceTopKRouter computes from the same settings (`autoep_layer_settings`), what
+    `MoeGate` dispatches and what the recorder counts; DeepSpeed's TopKGate computes the same choices and weights
+    for the configs it routes (softmax, no bias, no groups, no scaling, no noise).
     """
-    probs_TE = torch.softmax(router_logits_TE.float(), dim=-1)
-    top_probs_Tk, top_experts_Tk = probs_TE.topk(k, dim=-1)
-    if renormalize:
-        top_probs_Tk = top_probs_Tk / top_probs_Tk.sum(dim=-1, keepdim=True)
-    return MoeRoute(probs_TE, top_probs_Tk, top_experts_Tk)
+    logits_TE = router_logits_TE.float()
+    if config.router_score_func == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE)
+        probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+    else:
+        scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+    choice_TE = scores_TE.detach() if expert_bias_E is None else scores_TE.detach() + expert_bias_E.float()
+    if config.router_n_group is not None:
+        T, E, G = choice_TE.shape[0], choice_TE.shape[1], config.router_n_group
+        choice_TGe = choice_TE.view(T, G, E // G)
+        group_score_TG = choice_TGe.topk(2, dim=-1).values.sum(-1)  # DeepSeek-V3: a group's two best experts
+        top_groups_Tg = group_score_TG.topk(config.router_topk_group, dim=-1).indices
+        excluded_TG = torch.ones_like(group_score_TG, dtype=torch.bool).scatter_(1, top_groups_Tg, False)
+        choice_TE = choice_TGe.masked_fill(excluded_TG[..., None], float("-inf")).view(T, E)
+    experts_Tk = choice_TE.topk(config.num_experts_per_tok, dim=-1).indices
+    weights_Tk = scores_TE.gather(1, experts_Tk)
+    if config.norm_topk:
+        weights_Tk = weights_Tk / (weights_Tk.sum(dim=-1, keepdim=True) + 1e-20)
+    return MoeRoute(probs_TE, weights_Tk * config.router_scaling_factor, experts_Tk)
 
 
 def count_routes(experts: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -199,6 +213,44 @@ def load_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor) ->
     return (probs_TE.mean(0) * share_E).sum() * E / counted_Tk.shape[1]
 
 
+def global_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor, reduce: bool) -> torch.Tensor:
+    """The Switch loss E/k * sum_e f_e * P_e with the routed fractions f counted over the global batch.
+
+    f_e = routes to e / tokens, both summed over every rank of the default process group (the data- and
+    expert-parallel world) when `reduce`; P_e is the mean score on this rank. Each rank's loss is then linear in its
+    own tokens' scores with the same f, so the ranks' mean (what data parallelism averages the gradient over) is
+    the loss of the whole batch: the same value and gradient for any layout (Megatron-Core's global aux loss, the
+    Qwen team's global-batch balancing). 1.0 when the routes are balanced.
+    """
+    T, E = probs_TE.shape
+    k = top_experts_Tk.shape[1]
+    with torch.no_grad():
+        counts = torch.cat([count_routes(top_experts_Tk, E), probs_TE.new_tensor([T])])
+        if reduce:
+            dist.all_reduce(counts)
+        fraction_E = counts[:E] / counts[E]
+    return (fraction_E * probs_TE.mean(0)).sum() * E / k
+
+
+def sequence_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, averaged over the batch's sequences:
+    per sequence, sum_e f_e * P_e with f_e = E / (k S) * routes of its S tokens to e and P_e its mean score."""
+    T, E = probs_TE.shape
+    k = top_experts_Tk.shape[1]
+    S = T // batch_size
+    with torch.no_grad():
+        routes_BE = torch.zeros(batch_size, E, device=probs_TE.device)
+        routes_BE.scatter_add_(1, top_experts_Tk.reshape(batch_size, S * k),
+                               torch.ones(batch_size, S * k, device=probs_TE.device))
+        fraction_BE = routes_BE * E / (k * S)
+    return (fraction_BE * probs_TE.view(batch_size, S, E).mean(1)).sum(-1).mean()
+
+
+def update_expert_bias(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free update, in place: b_e += rate * sign(mean load - load_e)."""
+    bias_E.add_(torch.sign(load_E.mean() - load_E).to(bias_E.dtype), alpha=rate)
+
+
 @dataclass
 class MoeRouting:
     """What one MoE layer's router did with this rank's tokens in one forward pass."""
@@ -208,52 +260,69 @@ class MoeRouting:
     demand_E: torch.Tensor  # routes the router asked of each expert (its top-k), before the capacity limit
     tokens_per_expert_E: torch.Tensor  # routes each expert received, after the capacity limit
     dropped_fraction: torch.Tensor  # share of this layer's routes dropped at the capacity limit
-    aux_loss: torch.Tensor
+    aux_loss: torch.Tensor  # the balancing loss of router_balance (0 when it has none)
     z_loss: torch.Tensor
 
 
 class MoeRouterRecorder:
-    """One MoE layer's routing numbers from its last forward, the same ones for both backends.
+    """One MoE layer's routing numbers and balancing loss from its last forward, the same for both backends.
 
-    The native block hands over what DeepSpeed's gate did (`record` with the routes it kept and its aux loss). An
-    autoep layer returns only hidden states and is replaced inside `deepspeed.initialize`, so `watch` follows its
-    router's linear layer with a forward hook (`gate` on MoeAutoEPBlock, `router.gate` on AutoEP's AutoEPMoELayer)
-    and records its logits: dropless, with the aux loss of DeepSpeed's gate. A plain object: nothing in the state
-    dict. The model pops it after every layer.
+    The native block hands over its router logits and what the gate did (`record` with the routes it kept, and
+    DeepSpeed's aux loss where that gate computed it). An autoep layer returns only hidden states and is replaced
+    inside `deepspeed.initialize`, so `watch` follows its router's linear layer with a forward hook (`gate` on
+    MoeAutoEPBlock, `router.gate` on AutoEP's AutoEPMoELayer) and records its logits: dropless. The choices are
+    recomputed from the logits and the live expert bias with `route_tokens`, the function both routers compute.
+    A plain object: nothing in the state dict. The decoder layer tells it the batch size (`batch_size`, for the
+    sequence-wise loss) and pops it after every forward.
     """
 
     def __init__(self, config: MoeConfig) -> None:
+        self.config = config
         self.num_experts = config.num_experts
-        self.top_k = config.num_experts_per_tok
-        self.renormalize = renormalizes_top_k(config)
+        self.batch_size = 1
         self._gate: nn.Module | None = None
         self._routing: MoeRouting | None = None
 
-    def record(self, router_logits_TE: torch.Tensor, kept_routes: torch.Tensor | None = None,
-               aux_loss: torch.Tensor | None = None) -> None:
+    def record(self, router_logits_TE: torch.Tensor, *, training: bool, expert_bias_E: torch.Tensor | None = None,
+               kept_routes: torch.Tensor | None = None, deepspeed_aux_loss: torch.Tensor | None = None) -> None:
         """`kept_routes`: every route's expert after the capacity limit, -1 where dropped (None: dropless).
-        `aux_loss`: the layer's own load-balancing loss (None: DeepSpeed's formula over the router's top-k)."""
+        `deepspeed_aux_loss`: the loss DeepSpeed's gate computed, used for router_balance "aux" when given."""
+        route = route_tokens(router_logits_TE, self.config, expert_bias_E)
+        top_experts_Tk = route.experts_Tk
         with torch.no_grad():  # counts only: nothing here needs a gradient, nothing is saved for backward
-            top_experts_Tk = route_top_k(router_logits_TE, self.top_k, self.renormalize).experts_Tk
             demand_E = count_routes(top_experts_Tk, self.num_experts)
             if kept_routes is None:
                 received_E, dropped_fraction = demand_E, torch.zeros((), device=demand_E.device)
             else:
                 received_E = count_routes(kept_routes, self.num_experts)
                 dropped_fraction = 1 - received_E.sum() / kept_routes.numel()
-        if aux_loss is None:
-            aux_loss = load_balancing_loss(torch.softmax(router_logits_TE.float(), dim=-1), top_experts_Tk)
         self._routing = MoeRouting(
             router_logits_TE=router_logits_TE, top_experts_Tk=top_experts_Tk, demand_E=demand_E,
-            tokens_per_expert_E=received_E, dropped_fraction=dropped_fraction, aux_loss=aux_loss,
-            z_loss=router_z_loss(router_logits_TE),
+            tokens_per_expert_E=received_E, dropped_fraction=dropped_fraction,
+            aux_loss=self.balancing_loss(route, training, deepspeed_aux_loss), z_loss=router_z_loss(router_logits_TE),
         )
+
+    def balancing_loss(self, route: MoeRoute, training: bool, deepspeed_aux_loss: torch.Tensor | None) -> torch.Tensor:
+        method = self.config.balance_loss
+        if method == "aux":
+            if deepspeed_aux_loss is not None:
+                return deepspeed_aux_loss
+            return load_balancing_loss(route.probs_TE, route.experts_Tk)
+        if method == "global":
+            # Only training reduces over the world: eval, generate() and export run in one process or unsynced.
+            reduce = training and dist.is_available() and dist.is_initialized()
+            return global_balancing_loss(route.probs_TE, route.experts_Tk, reduce)
+        if method == "sequence":
+            return sequence_balancing_loss(route.probs_TE, route.experts_Tk, self.batch_size)
+        return route.probs_TE.new_zeros(())
 
     def watch(self, block: nn.Module) -> None:
         router = getattr(block, "router", None)
         gate = block.gate if router is None else router.gate
         if gate is not self._gate:
-            gate.register_forward_hook(lambda module, args, logits_TE: self.record(logits_TE))
+            owner = block.gate if router is None else router  # where the expert bias lives (AutoEP copies it)
+            gate.register_forward_hook(lambda module, args, logits_TE: self.record(
+                logits_TE, training=module.training, expert_bias_E=getattr(owner, EXPERT_BIAS, None)))
             self._gate = gate
 
     def pop(self) -> MoeRouting:
@@ -261,21 +330,85 @@ class MoeRouterRecorder:
         return routing
 
 
+# The expert bias's name, DeepSeek-V3's: AutoEP copies a buffer of this name into its router and adds it to the
+# scores for the top-k choice, so both backends route with the same bias.
+EXPERT_BIAS = "e_score_correction_bias"
+
+
+def register_expert_bias(module: nn.Module, config: MoeConfig) -> None:
+    """A persistent fp32 zero buffer on the router when router_balance uses the bias: saved and loaded with the
+    weights, updated by `MoeForCausalLM.update_expert_bias`, never by the optimizer."""
+    if config.uses_expert_bias:
+        module.register_buffer(EXPERT_BIAS, torch.zeros(config.num_experts))
+
+
+class MoeGate(nn.Module):
+    """A gate with the contract of DeepSpeed's TopKGate, for routing that gate cannot express (sigmoid scores, the
+    expert bias, groups, scaling, other top-k normalisation): DeepSpeed's MOELayer still dispatches, runs the
+    all-to-alls and the experts, and its `wg` keeps the router's checkpoint name.
+
+    Routing is `route_tokens`. While training with drop_tokens, each expert keeps at most
+    capacity = max(ceil(T * k / E * capacity_factor), min_capacity) routes, first choices before second choices,
+    in token order within each (GShard's priority, as DeepSpeed's top-2 gate); otherwise nothing is dropped and
+    the capacity is the busiest expert's load, the maximum over the expert-parallel group (all ranks' buffers must
+    have one shape for the all-to-all).
+    """
+
+    def __init__(self, config: MoeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.wg = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        register_expert_bias(self, config)
+        self.ep_group = None
+
+    def _set_ep_group(self, ep_group) -> None:  # DeepSpeed's MOELayer calls it when the engine creates the groups
+        self.ep_group = ep_group
+
+    def forward(self, x_TD: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False):
+        if use_tutel or used_token is not None:
+            raise NotImplementedError("MoeGate does not implement DeepSpeed's tutel path or used_token masks.")
+        E = self.num_experts
+        logits_TE = F.linear(x_TD.float(), self.wg.weight.float())
+        route = route_tokens(logits_TE, self.config, getattr(self, EXPERT_BIAS, None))
+        T, k = route.experts_Tk.shape
+        experts_kT = route.experts_Tk.t()  # slot-major: every token's first choice comes before any second choice
+        experts_N = experts_kT.reshape(-1)
+        demand_E = count_routes(experts_N, E, dtype=torch.long)
+        # Each route's place in its expert's buffer, in priority order: its rank among the routes to that expert.
+        order_N = experts_N.argsort(stable=True)
+        first_route_E = demand_E.cumsum(0) - demand_E
+        locations_N = torch.empty_like(experts_N)
+        locations_N[order_N] = torch.arange(experts_N.numel(), device=x_TD.device) - first_route_E[experts_N[order_N]]
+        if self.training and self.config.drop_tokens:
+            capacity = max(math.ceil(T * k / E * self.config.capacity_factor), self.config.min_capacity)
+            kept_N = locations_N < capacity
+        else:
+            capacity = demand_E.max()
+            if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
+                dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=self.ep_group)
+            kept_N = torch.ones_like(experts_N, dtype=torch.bool)
+        kept_kT = kept_N.view(k, T)
+        indices_kT = torch.where(kept_kT, experts_kT, -1).to(torch.int32)
+        locations_kT = (locations_N.view(k, T) * kept_kT).to(torch.int32)
+        gates_kT = route.weights_Tk.t() * kept_kT
+        aux_loss = logits_TE.new_zeros(())  # the recorder computes the balancing loss from the same logits
+        return aux_loss, capacity, E, indices_kT, locations_kT, gates_kT, demand_E
+
+
 class MoeSparseBlock(nn.Module):
     """DeepSpeed's MoE layer (router, capacity, all-to-all dispatch/combine, experts) plus shared experts.
 
     It holds experts `ep_rank * El .. (ep_rank + 1) * El - 1` of E, El = E / ep_size; DeepSpeed creates the
-    expert-parallel groups and wires the all-to-all inside `deepspeed.initialize`.
+    expert-parallel groups and wires the all-to-all inside `deepspeed.initialize`. The gate is DeepSpeed's
+    TopKGate where it can express the config's routing (`MoeConfig.uses_deepspeed_gate`), else `MoeGate`.
     """
 
     def __init__(self, config: MoeConfig, recorder: MoeRouterRecorder, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
-        self.recorder = recorder
+        self.config = config
         self.num_experts = config.num_experts
-        self.top_k = config.num_experts_per_tok
-        self.use_rts = config.use_rts
-        self.min_capacity = config.min_capacity
-        self.top2_2nd_expert_sampling = config.top2_2nd_expert_sampling
+        self.recorder = recorder
         layer_seed = draw_layer_seed()
         with torch.random.fork_rng(devices=[]):  # see draw_layer_seed
             self.moe = MoE(
@@ -285,7 +418,7 @@ class MoeSparseBlock(nn.Module):
                 ep_size=ep_size,
                 k=config.num_experts_per_tok,
                 capacity_factor=config.capacity_factor,
-                eval_capacity_factor=config.eval_capacity_factor,
+                eval_capacity_factor=config.capacity_factor,  # unused: eval never drops (see forward)
                 min_capacity=config.min_capacity,
                 use_residual=config.use_residual,
                 noisy_gate_policy=config.noisy_gate_policy,
@@ -293,6 +426,8 @@ class MoeSparseBlock(nn.Module):
                 use_rts=config.use_rts,
                 top2_2nd_expert_sampling=config.top2_2nd_expert_sampling,
             )
+            if not config.uses_deepspeed_gate:
+                self.moe.deepspeed_moe.gate = MoeGate(config)
             self.shared_experts = (
                 MoeMLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
                 if config.num_shared_experts
@@ -303,7 +438,7 @@ class MoeSparseBlock(nn.Module):
         # DeepSpeed's exp_counts are counted before the capacity limit; its gate's sparse routes mark each
         # dropped (token, slot) with expert -1, so keep them to count what the experts really received.
         self._routes_kT: torch.Tensor | None = None
-        self.moe.deepspeed_moe.gate.register_forward_hook(self._keep_routes)
+        self.gate.register_forward_hook(self._keep_routes)
 
     def _seed_experts(self, layer_seed: int, first_global_expert: int) -> None:
         """Give every expert projection a seed from (layer draw, global expert id, projection).
@@ -319,25 +454,38 @@ class MoeSparseBlock(nn.Module):
         self._routes_kT = output[3]
 
     @property
+    def gate(self) -> nn.Module:
+        return self.moe.deepspeed_moe.gate
+
+    @property
     def router_weight(self) -> torch.Tensor:
-        return self.moe.deepspeed_moe.gate.wg.weight
+        return self.gate.wg.weight
+
+    @property
+    def expert_bias(self) -> torch.Tensor | None:
+        return getattr(self.gate, EXPERT_BIAS, None)
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
-        # DeepSpeed's gate samples the second expert and the kept tokens (RTS) in eval mode too; both are training
-        # regularizers, and inference must be deterministic (generate with and without cache must agree).
-        gate = self.moe.deepspeed_moe.gate
-        gate.top2_2nd_expert_sampling = self.training and self.top2_2nd_expert_sampling
-        gate.use_rts = self.training and self.use_rts
-        x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
-        # DeepSpeed's top-1 gate asserts T >= min_capacity (a cached decode step of one sequence has T = 1).
-        # Below min_capacity every token fits anyway, so capping it changes no routing decision.
-        gate.min_capacity = min(self.min_capacity, x_TD.shape[0])
-        # The same fp32 logits DeepSpeed's gate computes (before any jitter); recomputed here for the z-loss
-        # because the gate does not return them. T x D x E flops: negligible next to the experts.
-        router_logits_TE = F.linear(x_TD.float(), self.router_weight.float())
-        out_BSD, aux_loss, _ = self.moe(hidden_BSD)
+        gate = self.gate
+        if isinstance(gate, TopKGate):
+            # Capacity, the sampled second expert and the kept tokens (RTS) are training devices; DeepSpeed's gate
+            # applies them in eval mode too. Inference never drops and is deterministic: a sequence's outputs do
+            # not depend on its batch mates, and generate() with and without cache agree.
+            gate.drop_tokens = self.training and self.config.drop_tokens
+            gate.top2_2nd_expert_sampling = self.training and self.config.top2_2nd_expert_sampling
+            gate.use_rts = self.training and self.config.use_rts
+            x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
+            # DeepSpeed's top-1 gate asserts T >= min_capacity (a cached decode step of one sequence has T = 1).
+            # Below min_capacity every token fits anyway, so capping it changes no routing decision.
+            gate.min_capacity = min(self.config.min_capacity, x_TD.shape[0])
+        # The same fp32 logits the gate computes (before any jitter); recomputed here for the balancing and z
+        # losses because the gate does not return them. T x D x E flops: negligible next to the experts.
+        router_logits_TE = F.linear(hidden_BSD.reshape(-1, hidden_BSD.shape[-1]).float(), self.router_weight.float())
+        out_BSD, deepspeed_aux_loss, _ = self.moe(hidden_BSD)
         kept_routes_kT, self._routes_kT = self._routes_kT, None
-        self.recorder.record(router_logits_TE, kept_routes=kept_routes_kT, aux_loss=aux_loss)
+        self.recorder.record(router_logits_TE, training=self.training, expert_bias_E=self.expert_bias,
+                             kept_routes=kept_routes_kT,
+                             deepspeed_aux_loss=deepspeed_aux_loss if isinstance(gate, TopKGate) else None)
         if self.shared_experts is not None:
             out_BSD = out_BSD + self.shared_experts(hidden_BSD)
         return out_BSD
@@ -392,17 +540,18 @@ class MoeAutoEPBlock(nn.Module):
     This forward computes the same function in one process (inference, export, tests). Like AutoEP's layer it
     returns the hidden states only; `MoeRouterRecorder` reads the routing from the router's logits.
 
-    The routing is DeepSpeed's native gate without drops or noise: softmax over fp32 logits, top-k, renormalized
-    for k > 1; so both backends agree whenever the native one drops no token.
+    The routing is `route_tokens`, which is what AutoEP's router computes from the same settings, including the
+    expert bias (`e_score_correction_bias` on `gate`, which AutoEP copies into its router); so both backends agree
+    whenever the native one drops no token.
     """
 
     def __init__(self, config: MoeConfig) -> None:
         super().__init__()
-        self.top_k = config.num_experts_per_tok
-        self.renormalize = renormalizes_top_k(config)
+        self.config = config
         layer_seed = draw_layer_seed()
         with torch.random.fork_rng(devices=[]):  # see draw_layer_seed
             self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+            register_expert_bias(self.gate, config)
             self.experts = MoeExperts(config, layer_seed)
             self.shared_experts = (
                 MoeMLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
@@ -412,7 +561,7 @@ class MoeAutoEPBlock(nn.Module):
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
-        route = route_top_k(self.gate(x_TD), self.top_k, self.renormalize)
+        route = route_tokens(self.gate(x_TD), self.config, getattr(self.gate, EXPERT_BIAS, None))
         out_BSD = self.experts(x_TD, route.experts_Tk, route.weights_Tk).view_as(hidden_BSD)
         if self.shared_experts is not None:
             out_BSD = out_BSD + self.shared_experts(hidden_BSD)
@@ -425,7 +574,8 @@ def autoep_layer_settings(config: MoeConfig) -> dict:
     Custom patterns rather than a preset: they go through AutoEP's default adapter, which leaves transformers'
     output recorders alone (the mixtral preset's adapter retargets them, and fails with transformers 5.23.0).
     Dense layers match the layer pattern too; AutoEP skips them because they have no `experts`. AutoEP logs that
-    its router implements no z-loss: `MoeRouterRecorder` adds it, and the aux loss, outside the replaced layer.
+    its router implements no z-loss: `MoeRouterRecorder` adds it, and the balancing loss, outside the replaced
+    layer. AutoEP's groups are scored by their two best experts, as `route_tokens` does.
     """
     settings = {
         "moe_layer_pattern": r"model\.layers\.\d+\.mlp",
@@ -437,11 +587,14 @@ def autoep_layer_settings(config: MoeConfig) -> dict:
         "expert_activation": "swiglu",
         "num_experts_attr": "num_experts",
         "top_k_attr": "num_experts_per_tok",
-        "score_func": "softmax",
+        "score_func": config.router_score_func,
         "score_apply": "post",
-        "route_norm": renormalizes_top_k(config),
+        "route_norm": config.norm_topk,
+        "routed_scaling_factor": config.router_scaling_factor,
         "has_shared_experts": config.num_shared_experts > 0,
     }
+    if config.router_n_group is not None:
+        settings.update(num_expert_groups=config.router_n_group, num_limited_groups=config.router_topk_group)
     if config.num_shared_experts:
         settings["shared_experts_pattern"] = "shared_experts"
     return settings
@@ -466,9 +619,19 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
         hidden_BSD = hidden_BSD + self.self_attn(
             self.input_layernorm(hidden_BSD), position_embeddings, attn_mask, past_key_values
         )
-        if self.is_moe and not isinstance(self.mlp, MoeSparseBlock):
-            self.router_recorder.watch(self.mlp)  # autoep: AutoEP may have replaced the block since the last call
+        if self.is_moe:
+            self.router_recorder.batch_size = hidden_BSD.shape[0]
+            if not isinstance(self.mlp, MoeSparseBlock):
+                self.router_recorder.watch(self.mlp)  # autoep: AutoEP may have replaced the block since the last call
         return hidden_BSD + self.mlp(self.post_attention_layernorm(hidden_BSD))
+
+    def expert_bias_owner(self) -> nn.Module | None:
+        """The module whose `e_score_correction_bias` buffer this MoE layer routes with (None without a bias):
+        DeepSpeed's gate slot (MoeGate), MoeAutoEPBlock's gate, or AutoEP's router once it replaced the block."""
+        if not self.is_moe:
+            return None
+        owner = self.mlp.gate if isinstance(self.mlp, (MoeSparseBlock, MoeAutoEPBlock)) else self.mlp.router
+        return owner if getattr(owner, EXPERT_BIAS, None) is not None else None
 
 
 @dataclass
@@ -482,8 +645,9 @@ class MoeModelOutputWithPast(ModelOutput):
 class MoeCausalLMOutputWithPast(ModelOutput):
     """`loss` = `lm_loss` + router_aux_loss_coef * `aux_loss` + router_z_loss_coef * `z_loss`.
 
-    `aux_loss` and `z_loss` are summed over the MoE layers. `aux_loss` is DeepSpeed's load-balancing loss, computed
-    per rank on its local tokens. The routing fields hold this rank's tokens, one row per MoE layer:
+    `aux_loss` (the balancing loss of router_balance, 0 when it has none) and `z_loss` are summed over the MoE
+    layers; `layer_aux_loss` and `layer_z_loss` ([L]) hold them per MoE layer, `expert_bias` ([L, E]) the bias each
+    layer routed with (None without one). The routing fields hold this rank's tokens, one row per MoE layer:
     `router_logits` (L x [T, E], fp32), `top_experts` ([L, T, k]: the router's top-k choices, best first, before
     the capacity limit and without gate noise), `router_demand` ([L, E]: those choices counted per expert),
     `tokens_per_expert` ([L, E]: the (token, slot) routes each expert received after the capacity limit) and
@@ -501,6 +665,9 @@ class MoeCausalLMOutputWithPast(ModelOutput):
     router_demand: torch.FloatTensor | None = None
     tokens_per_expert: torch.FloatTensor | None = None
     dropped_fraction: torch.FloatTensor | None = None
+    layer_aux_loss: torch.FloatTensor | None = None
+    layer_z_loss: torch.FloatTensor | None = None
+    expert_bias: torch.FloatTensor | None = None
 
 
 class MoePreTrainedModel(PreTrainedModel):
@@ -652,8 +819,9 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         hidden_BSD = outputs.last_hidden_state
         logits_BSV = self.lm_head(hidden_BSD[:, -logits_to_keep:] if logits_to_keep else hidden_BSD)
         routing = outputs.routing
-        aux_loss = torch.stack([r.aux_loss for r in routing]).sum()
-        z_loss = torch.stack([r.z_loss for r in routing]).sum()
+        layer_aux_loss = torch.stack([r.aux_loss for r in routing])
+        layer_z_loss = torch.stack([r.z_loss for r in routing])
+        aux_loss, z_loss = layer_aux_loss.sum(), layer_z_loss.sum()
         lm_loss = loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(
@@ -672,7 +840,34 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             router_demand=torch.stack([r.demand_E for r in routing]),
             tokens_per_expert=torch.stack([r.tokens_per_expert_E for r in routing]),
             dropped_fraction=torch.stack([r.dropped_fraction for r in routing]),
+            layer_aux_loss=layer_aux_loss,
+            layer_z_loss=layer_z_loss,
+            expert_bias=self.expert_bias(),
         )
+
+    def moe_layers(self) -> list[MoeDecoderLayer]:
+        return [layer for layer in self.model.layers if layer.is_moe]
+
+    def expert_bias(self) -> torch.Tensor | None:
+        """[L, E] fp32: each MoE layer's expert bias (router_balance 'bias'), or None."""
+        if not self.config.uses_expert_bias:
+            return None
+        return torch.stack([getattr(layer.expert_bias_owner(), EXPERT_BIAS).detach().float()
+                            for layer in self.moe_layers()])
+
+    @torch.no_grad()
+    def update_expert_bias(self, load_LE: torch.Tensor) -> None:
+        """After an optimizer step: move each MoE layer's expert bias towards balance from its load `load_LE`
+        ([L, E] routes per expert, counted over the step's whole global batch: every rank then applies the same
+        update). A bias that a bf16/fp16 engine cast with the weights goes back to fp32 first, so that updates of
+        router_bias_update_rate are not rounded away."""
+        for layer, load_E in zip(self.moe_layers(), load_LE):
+            owner = layer.expert_bias_owner()
+            bias_E = getattr(owner, EXPERT_BIAS)
+            if bias_E.dtype != torch.float32:
+                bias_E = bias_E.float()
+                setattr(owner, EXPERT_BIAS, bias_E)
+            update_expert_bias(bias_E, load_E.to(bias_E.device), self.config.router_bias_update_rate)
 
 
 __all__ = [
@@ -681,6 +876,7 @@ __all__ = [
     "MoeCausalLMOutputWithPast",
     "MoeExperts",
     "MoeForCausalLM",
+    "MoeGate",
     "MoeModel",
     "MoePreTrainedModel",
     "MoeRouterRecorder",
@@ -688,6 +884,10 @@ __all__ = [
     "MoeSparseBlock",
     "autoep_layer_settings",
     "count_routes",
-    "route_top_k",
+    "global_balancing_loss",
+    "load_balancing_loss",
+    "route_tokens",
     "router_z_loss",
+    "sequence_balancing_loss",
+    "update_expert_bias",
 ]

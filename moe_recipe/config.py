@@ -7,6 +7,7 @@ compose (or take what @hydra.main composed), type, validate, and derive what sta
 """
 
 import os
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -29,9 +30,24 @@ WANDB_MODES = ("disabled", "offline", "online")
 
 
 @dataclass
+class RouterConfig:
+    """How tokens choose experts and how the load is balanced: `model.router.<name>` is MoeConfig's
+    `router_<name>` (see its docstring)."""
+
+    balance: str = "aux"  # none | aux | global | sequence | bias | bias+aux | bias+global | bias+sequence
+    score_func: str = "softmax"  # softmax | sigmoid
+    norm_topk_prob: bool | None = None  # divide the chosen experts' weights by their sum; None: for k > 1
+    scaling_factor: float = 1.0  # routed_scaling_factor: multiplies the routed experts' weights
+    n_group: int | None = None  # group-limited routing: experts in n_group groups (n_group = ep_size: one per rank)
+    topk_group: int | None = None  # ... of which each token may use topk_group
+    bias_update_rate: float = 0.001  # balance=bias: the bias moves by this much per optimizer step
+
+
+@dataclass
 class ModelConfig:
-    """The architecture and routing settings of `MoeConfig` (see its docstring), with its defaults. The parallel
-    layout is not among them: it is `parallel.ep_size`, applied when the model is built."""
+    """The architecture and routing settings of `MoeConfig` (see its docstring), with its defaults; the `router`
+    section holds its `router_*` settings other than the loss weights. The parallel layout is not among them: it is
+    `parallel.ep_size`, applied when the model is built."""
 
     vocab_size: int = 4096
     hidden_size: int = 64
@@ -53,15 +69,22 @@ class ModelConfig:
     min_capacity: int = 4
     drop_tokens: bool = True
     noisy_gate_policy: str | None = None
-    use_rts: bool = True
-    top2_2nd_expert_sampling: bool = True
+    use_rts: bool = False  # DeepSpeed's top-1 gate only (its default is true)
+    top2_2nd_expert_sampling: bool = False  # DeepSpeed's top-2 gate only (its default is true)
     use_residual: bool = False
     num_shared_experts: int = 0
     moe_layer_freq: int = 1
     first_k_dense_replace: int = 0
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
+    router: RouterConfig = field(default_factory=RouterConfig)
     moe_backend: str = "deepspeed"
+
+    def moe_config_arguments(self) -> dict[str, Any]:
+        """MoeConfig's keyword arguments: the flat settings, and `router.<name>` as `router_<name>`."""
+        arguments = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "router"}
+        arguments.update({f"router_{f.name}": getattr(self.router, f.name) for f in fields(self.router)})
+        return arguments
 
 
 @dataclass
@@ -131,11 +154,17 @@ class RecipeConfig:
 
     def model_config(self, **overrides) -> MoeConfig:
         """The model's config; MoeConfig.validate runs on it (top-k, heads, layers, ...). The layout is not in it."""
-        settings = {f.name: getattr(self.model, f.name) for f in fields(self.model)}
         try:
-            return MoeConfig(**settings, **overrides)
+            return MoeConfig(**self.model.moe_config_arguments(), **overrides)
         except ValueError as err:  # MoeConfig names its own fields; here they are the model section's
-            raise ValueError(str(err).replace("MoeConfig: ", "model: ", 1)) from None
+            raise ValueError(model_setting_names(str(err).replace("MoeConfig: ", "model: ", 1))) from None
+
+
+def model_setting_names(message: str) -> str:
+    """MoeConfig's words for its fields -> the recipe's settings (router_balance -> model.router.balance)."""
+    for f in fields(RouterConfig):
+        message = re.sub(rf"\brouter_{f.name}\b", f"model.router.{f.name}", message)
+    return message
 
 
 # conf/config.yaml names this schema first in its defaults list, so every section is typed while Hydra composes.

@@ -165,6 +165,15 @@ def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, ds_config: dict,
     return engine
 
 
+def update_expert_bias(model: MoeForCausalLM, step_load_LE: torch.Tensor) -> None:
+    """Collective, after each optimizer step when router_balance uses the expert bias: sum this rank's routes per
+    expert over the step's micro batches (`step_load_LE`, from the outputs' `router_demand`) over all ranks, so every
+    rank applies the same update from the load of the whole global batch, whatever the layout."""
+    load_LE = step_load_LE.detach().clone()
+    dist.all_reduce(load_LE)
+    model.update_expert_bias(load_LE)
+
+
 def active_params_per_token(config: MoeConfig) -> int:
     """Parameters a token passes through (embeddings excluded, lm_head included): k of E experts, shared ones."""
     d, hd = config.hidden_size, config.head_dim

@@ -180,23 +180,26 @@ def set_ordered_router(block: MoeSparseBlock) -> None:
         block.router_weight[:, 0] = torch.arange(E - 1, -1, -1, dtype=torch.float)
 
 
+# MoeGate (the project's gate, here chosen by router_scaling_factor != 1) drops by the same capacity arithmetic.
+OWN_GATE = dict(router_scaling_factor=2.0)
+
+
+@pytest.mark.parametrize("gate", [pytest.param({}, id="deepspeed-gate"), pytest.param(OWN_GATE, id="moe-gate")])
 @pytest.mark.parametrize(
-    "k, num_forward, capacity_factor, eval_capacity_factor, min_capacity, training",
+    "k, num_forward, capacity_factor, min_capacity, training",
     [
-        pytest.param(1, T, 1.0, 1.0, 4, True, id="top1-all-to-expert0"),
-        pytest.param(1, T, 0.25, 1.0, 6, True, id="top1-min-capacity-wins"),
-        pytest.param(1, T, 1.0, 2.0, 4, False, id="top1-eval-capacity-factor"),
-        pytest.param(2, 12, 1.0, 1.0, 4, True, id="top2"),
-        pytest.param(3, 12, 0.5, 1.0, 4, True, id="top3"),
-        pytest.param(3, 12, 2.0, 0.5, 0, False, id="top3-eval"),
+        pytest.param(1, T, 1.0, 4, True, id="top1-all-to-expert0"),
+        pytest.param(1, T, 0.25, 6, True, id="top1-min-capacity-wins"),
+        pytest.param(1, T, 1.0, 4, False, id="top1-eval-never-drops"),
+        pytest.param(2, 12, 1.0, 4, True, id="top2"),
+        pytest.param(3, 12, 0.5, 4, True, id="top3"),
+        pytest.param(3, 12, 0.5, 0, False, id="top3-eval-never-drops"),
     ],
 )
-def test_drops_follow_capacity_arithmetic(
-    tiny_model, k, num_forward, capacity_factor, eval_capacity_factor, min_capacity, training
-):
+def test_drops_follow_capacity_arithmetic(tiny_model, gate, k, num_forward, capacity_factor, min_capacity, training):
     model = tiny_model(
-        **WIDE_INIT, num_experts_per_tok=k, drop_tokens=True, capacity_factor=capacity_factor,
-        eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
+        **WIDE_INIT, **gate, num_experts_per_tok=k, drop_tokens=True, capacity_factor=capacity_factor,
+        min_capacity=min_capacity,
     ).train(training)
     block = first_block(model)
     set_ordered_router(block)
@@ -210,15 +213,14 @@ def test_drops_follow_capacity_arithmetic(
     requested_E = torch.zeros(E)
     requested_E[:k] += num_forward
     requested_E[E - k :] += T - num_forward
-    factor = capacity_factor if training else eval_capacity_factor
-    capacity = max(math.ceil(T / E * factor * k), min_capacity)
-    kept_E = requested_E.clamp(max=capacity)
-    assert kept_E.sum() < k * T, "the case must overflow some expert"
+    capacity = max(math.ceil(T / E * capacity_factor * k), min_capacity)
+    assert requested_E.clamp(max=capacity).sum() < k * T, "the case must overflow some expert"
+    kept_E = requested_E.clamp(max=capacity) if training else requested_E  # eval and generate never drop
 
     assert block.moe.deepspeed_moe.exp_counts.tolist() == requested_E.tolist()  # DeepSpeed's count: pre-drop
     assert routing.demand_E.tolist() == requested_E.tolist()  # the router's demand: before the capacity limit
     assert routing.tokens_per_expert_E.tolist() == kept_E.tolist()
-    assert routing.tokens_per_expert_E.tolist() != block.moe.deepspeed_moe.exp_counts.tolist()
+    assert (routing.tokens_per_expert_E.tolist() != block.moe.deepspeed_moe.exp_counts.tolist()) == training
     assert routing.dropped_fraction.item() == pytest.approx(1 - kept_E.sum().item() / (k * T), abs=1e-7)
     if k == 1:
         # A token whose only route is dropped gets no expert output at all.
