@@ -11,6 +11,7 @@ Shape legend used in tensor names:
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -213,11 +214,13 @@ def load_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor) ->
     return (probs_TE.mean(0) * share_E).sum() * E / counted_Tk.shape[1]
 
 
-def global_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor, reduce: bool) -> torch.Tensor:
+def global_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor,
+                          all_reduce: Callable[[torch.Tensor], object] | None = None) -> torch.Tensor:
     """The Switch loss E/k * sum_e f_e * P_e with the routed fractions f counted over the global batch.
 
-    f_e = routes to e / tokens, both summed over every rank of the default process group (the data- and
-    expert-parallel world) when `reduce`; P_e is the mean score on this rank. Each rank's loss is then linear in its
+    f_e = routes to e / tokens, both summed in place by `all_reduce` (the model passes `dist.all_reduce`: every rank
+    of the default process group, the data- and expert-parallel world; None: this batch alone); P_e is the mean
+    score on this rank. Each rank's loss is then linear in its
     own tokens' scores with the same f, so the ranks' mean (what data parallelism averages the gradient over) is
     the loss of the whole batch: the same value and gradient for any layout (Megatron-Core's global aux loss, the
     Qwen team's global-batch balancing). 1.0 when the routes are balanced.
@@ -226,8 +229,8 @@ def global_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor, 
     k = top_experts_Tk.shape[1]
     with torch.no_grad():
         counts = torch.cat([count_routes(top_experts_Tk, E), probs_TE.new_tensor([T])])
-        if reduce:
-            dist.all_reduce(counts)
+        if all_reduce is not None:
+            all_reduce(counts)
         fraction_E = counts[:E] / counts[E]
     return (fraction_E * probs_TE.mean(0)).sum() * E / k
 
@@ -287,7 +290,11 @@ class MoeRouterRecorder:
                kept_routes: torch.Tensor | None = None, deepspeed_aux_loss: torch.Tensor | None = None) -> None:
         """`kept_routes`: every route's expert after the capacity limit, -1 where dropped (None: dropless).
         `deepspeed_aux_loss`: the loss DeepSpeed's gate computed, used for router_balance "aux" when given."""
-        route = route_tokens(router_logits_TE, self.config, expert_bias_E)
+        method = self.config.balance_loss
+        # Autograd records the scores only for a loss computed from them here (not DeepSpeed's own aux loss).
+        scores_need_grad = method in ("global", "sequence") or (method == "aux" and deepspeed_aux_loss is None)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and scores_need_grad):
+            route = route_tokens(router_logits_TE, self.config, expert_bias_E)
         top_experts_Tk = route.experts_Tk
         with torch.no_grad():  # counts only: nothing here needs a gradient, nothing is saved for backward
             demand_E = count_routes(top_experts_Tk, self.num_experts)
@@ -311,7 +318,7 @@ class MoeRouterRecorder:
         if method == "global":
             # Only training reduces over the world: eval, generate() and export run in one process or unsynced.
             reduce = training and dist.is_available() and dist.is_initialized()
-            return global_balancing_loss(route.probs_TE, route.experts_Tk, reduce)
+            return global_balancing_loss(route.probs_TE, route.experts_Tk, dist.all_reduce if reduce else None)
         if method == "sequence":
             return sequence_balancing_loss(route.probs_TE, route.experts_Tk, self.batch_size)
         return route.probs_TE.new_zeros(())

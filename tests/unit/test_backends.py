@@ -29,7 +29,23 @@ CASES = {
     "top3": dict(num_experts_per_tok=3),
     "top2-shared": dict(num_experts_per_tok=2, num_shared_experts=1),
     "top4-of-8-shared": dict(num_experts_per_tok=4, num_experts=8, num_shared_experts=2),
+    # Routing DeepSpeed's gate cannot express: the native backend routes with MoeGate, AutoEP with its own router.
+    "deepseek-v3-routing": dict(num_experts=8, num_experts_per_tok=3, num_shared_experts=1,
+                                router_score_func="sigmoid", router_n_group=4, router_topk_group=2,
+                                router_scaling_factor=2.5, router_norm_topk_prob=True, router_balance="bias+sequence"),
+    "softmax-bias-global": dict(num_experts_per_tok=2, router_balance="bias+global"),
+    "top1-normalised-scaled": dict(num_experts_per_tok=1, router_norm_topk_prob=True, router_scaling_factor=0.5),
 }
+
+
+def set_expert_bias(model: MoeForCausalLM, seed: int = 3) -> None:
+    """A bias large enough to change choices (the router's scores are O(1/E)); the same values in both backends."""
+    if not model.config.uses_expert_bias:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.moe_layers():
+        layer.expert_bias_owner().e_score_correction_bias.copy_(
+            torch.randn(model.config.num_experts, generator=generator) * 0.1)
 NATIVE_ROUTER = "{layer}.mlp.moe.deepspeed_moe.gate.wg.weight"
 NATIVE_EXPERT = "{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{e}.{proj}.weight"
 # Stacked expert weights [E, out, in] -> the native projection they hold, for MoeAutoEPBlock (down_proj; gate_up_proj
@@ -39,7 +55,10 @@ STACKED = {"experts.down_proj": "down_proj", "experts.w1": "gate_proj", "experts
 
 
 def both_backends(tiny_model, **overrides) -> tuple[MoeForCausalLM, MoeForCausalLM]:
-    return tiny_model(**DROPLESS, **overrides), tiny_model(**DROPLESS, moe_backend="autoep", **overrides)
+    models = tiny_model(**DROPLESS, **overrides), tiny_model(**DROPLESS, moe_backend="autoep", **overrides)
+    for model in models:
+        set_expert_bias(model)
+    return models
 
 
 def in_native_names(model: MoeForCausalLM, grads: bool = False) -> dict[str, torch.Tensor]:
@@ -123,6 +142,8 @@ def test_autoep_block_matches_native_backend(tiny_model, overrides, training):
 
     assert_same_outputs(out, reference)
     assert reference.aux_loss.item() > 0 and reference.dropped_fraction.sum().item() == 0.0
+    if native.config.uses_expert_bias:
+        torch.testing.assert_close(out.expert_bias, reference.expert_bias, rtol=0, atol=0)
     if training:
         assert_same_tensors(in_native_names(autoep, grads=True), native_params(native, grads=True), atol=1e-6)
 
@@ -137,8 +158,12 @@ def test_autoep_detects_only_the_moe_blocks(tiny_model, overrides):
     for spec in specs:
         assert (spec.num_experts, spec.top_k) == (config.num_experts, config.num_experts_per_tok)
         assert (spec.hidden_size, spec.ffn_hidden_size) == (config.hidden_size, config.moe_intermediate_size)
-        assert (spec.score_func, spec.score_apply, spec.expert_activation) == ("softmax", "post", "swiglu")
-        assert spec.route_norm is (config.num_experts_per_tok > 1)  # DeepSpeed's gates renormalize top-2 and top-k
+        assert (spec.score_func, spec.score_apply, spec.expert_activation) == (config.router_score_func, "post",
+                                                                               "swiglu")
+        assert spec.route_norm is config.norm_topk  # default: DeepSpeed's gates renormalize top-2 and top-k
+        assert spec.route_scale == config.router_scaling_factor
+        assert (spec.num_expert_groups, spec.num_limited_groups) == (config.router_n_group, config.router_topk_group)
+        assert spec.e_score_correction_bias_path == ("gate" if config.uses_expert_bias else None)
         assert spec.has_shared_experts is (config.num_shared_experts > 0)
         assert spec.expert_storage == "fused_3d" and spec.expert_w3_name is None
 
@@ -146,6 +171,7 @@ def test_autoep_detects_only_the_moe_blocks(tiny_model, overrides):
 @pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
 def test_autoep_replacement_computes_what_the_block_computed(tiny_model, overrides):
     model = tiny_model(**DROPLESS, moe_backend="autoep", **overrides).train()
+    set_expert_bias(model)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
     reference = forward_backward(model, input_ids)
     reference_grads = {name: grad.clone() for name, grad in in_native_names(model, grads=True).items()}
@@ -154,6 +180,9 @@ def test_autoep_replacement_computes_what_the_block_computed(tiny_model, overrid
     out = forward_backward(model, input_ids)  # the router recorder must now follow AutoEP's router.gate
 
     assert [type(layer.mlp) for layer in model.model.layers[1:]] == [AutoEPMoELayer] * 2
+    if model.config.uses_expert_bias:  # AutoEP copied the bias into its router, which now routes with it
+        assert all(layer.expert_bias_owner() is layer.mlp.router for layer in model.moe_layers())
+        torch.testing.assert_close(out.expert_bias, reference.expert_bias, rtol=0, atol=0)
     assert_same_outputs(out, reference)
     assert_same_tensors(in_native_names(model, grads=True), reference_grads, atol=1e-6)
 

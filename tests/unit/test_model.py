@@ -10,6 +10,7 @@ import torch.distributed as dist
 import moe_model  # noqa: F401  (registers the Auto classes)
 from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import MoeMLP, MoeSparseBlock
+from moe_recipe.config import CONF_DIR, load_recipe
 from transformers import AutoModelForCausalLM
 
 EXPERTS_KEY = ".deepspeed_experts."
@@ -297,3 +298,28 @@ def test_noisy_gating_trains_and_is_deterministic_in_eval(tiny_model, overrides)
         reference = clean(input_ids).logits
     assert torch.equal(first, second)
     assert torch.equal(first, reference)
+
+
+SHIPPED_MODELS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+SMALL_SHAPE = dict(vocab_size=128, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+                   num_attention_heads=4, head_dim=None, max_position_embeddings=64, initializer_range=0.2)
+
+
+@pytest.mark.parametrize("name", SHIPPED_MODELS)
+def test_generate_with_and_without_cache_agree_for_every_shipped_model_config(name):
+    """Every conf/model config at a CPU size: its routing (experts, top-k, scores, groups, bias, capacity
+    settings) as shipped, a few layers (the dense ones first) and small widths. Greedy decoding with the KV cache
+    runs the MoE layers on one token at a time, without it on the whole prefix: they agree because inference never
+    drops and routes each token on its own."""
+    shipped = load_recipe([f"model={name}"], world_size=1, require_tokenizer=False).config.model
+    arguments = shipped.moe_config_arguments()
+    num_layers = arguments["first_k_dense_replace"] + 2 * arguments["moe_layer_freq"]
+    kv_heads = 4 if arguments["num_key_value_heads"] == arguments["num_attention_heads"] else 2
+    config = MoeConfig(**{**arguments, **SMALL_SHAPE, "num_hidden_layers": num_layers, "num_key_value_heads": kv_heads})
+    torch.manual_seed(0)
+    model = MoeForCausalLM(config).eval()
+    if config.uses_expert_bias:  # as after training: a bias that changes choices
+        for layer in model.moe_layers():
+            layer.expert_bias_owner().e_score_correction_bias.normal_(0, 0.05)
+    input_ids = torch.randint(1, config.vocab_size, (3, 8), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(greedy(model, input_ids, True), greedy(model, input_ids, False))
