@@ -14,7 +14,9 @@ each expert sees most; with --out it also writes routing_tokens.png (the text co
 panel per layer: the Mixtral paper's Figure 8), routing_layers.png (expert shares per layer), routing_tokens.csv
 (every token's top-k experts in every layer) and routing_summary.json.
 
-Routing here is the router's top-k over its logits, before any capacity limit (eval drops are not shown).
+The routing shown is the model's own, in eval mode: each token's top-k experts by router score plus the expert bias
+where the model balances with one (the bias only chooses; the weights come from the unbiased scores), within the top
+groups where routing is group-limited. Inference never drops tokens, so every token reaches the experts listed.
 Shape legend: L MoE layers, T tokens, k experts per token, E experts.
 """
 
@@ -64,7 +66,8 @@ def load(path: Path, tokenizer: str | None = None):
 
 @torch.no_grad()
 def route_tokens(model, input_ids_T: torch.Tensor) -> torch.Tensor:
-    """[L, T, k] experts each token's router picks in each MoE layer, best first; long texts run in windows."""
+    """[L, T, k] experts each token's router picks in each MoE layer, best first (by biased score where the model
+    has an expert bias); long texts run in windows."""
     window = model.config.max_position_embeddings
     chunks = []
     for start in range(0, input_ids_T.numel(), window):

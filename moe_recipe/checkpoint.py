@@ -3,8 +3,8 @@
 A checkpoint is a folder `step_XXXXXXXX/` holding
 - DeepSpeed's native checkpoint (model states, one file per expert, ZeRO optimizer shards): exact resume at the
   layout it was saved with (same world size, ep_size, ZeRO stage, offload and precision);
-- `portable/`: every parameter's fp32 master weight and Adam moments under its global name (see reshard.py): resume
-  at any other layout, and the export command, read these;
+- `portable/`: every parameter's fp32 master weight and Adam moments under its global name, and the persistent
+  buffers (the expert bias) (see reshard.py): resume at any other layout, and the export command, read these;
 - `rng_rankXXXXX.pt`: each rank's RNG state;
 - `checkpoint.json`, the manifest: step, model config (no layout in it), layout, LR schedule, engine counters, every tensor's file and
   shape, every file's size.
@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
 from moe_model import MoeConfig
+from moe_model.configuration_moe import parse_balance
 
 from .reshard import check_tensors_match, load_portable_state, save_portable_state, unsupported_reason
 
@@ -259,6 +260,11 @@ def check_model_matches(manifest: dict, config: MoeConfig, folder: Path) -> None
         there, here = saved.get(key, _DEFAULTS.get(key)), getattr(config, key, _DEFAULTS.get(key))
         if there != here:
             diffs.append(f"model.{key}={there!r} there, {here!r} here")
+    # The expert bias is model state (a buffer in every MoE layer): a run with it and a run without hold other tensors.
+    balance_there = saved.get("router_balance", "aux")
+    if parse_balance(balance_there)[1] != config.uses_expert_bias:
+        diffs.append(f"model.router.balance={balance_there!r} there, {config.router_balance!r} here (with and without "
+                     "the expert bias)")
     if diffs:
         raise ValueError(f"checkpoint {folder} holds another model: {'; '.join(diffs)}. Resume with the model settings "
                          "it was trained with, or use a new trainer.run_dir to train this model from scratch.")

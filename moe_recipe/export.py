@@ -7,14 +7,15 @@ CHECKPOINT is a checkpoint folder (step_XXXXXXXX), a checkpoints folder or a run
 checkpoint). The weights come from the checkpoint's layout-independent fp32 state (see reshard.py), so no engine,
 process group or GPU is needed, and the layout it was trained at does not matter.
 
---format hf (default): this project's MoeForCausalLM, every expert under its global name. Load it with
+--format hf (default): this project's MoeForCausalLM, every expert under its global name, with the expert bias
+(`...gate.e_score_correction_bias`, kept in fp32 whatever --dtype) where the model routes with one. Load it with
     import moe_model  # registers model_type "deepspeed_moe" with the Auto classes
     model = AutoModelForCausalLM.from_pretrained(folder)
 --format mixtral: transformers' own MixtralForCausalLM, in the original Mixtral file layout
-(block_sparse_moe.experts.N.w1/w2/w3), loadable without this project. Only where the architecture is Mixtral's:
-every layer MoE, no shared experts, no residual MoE, top-k >= 2 (DeepSpeed renormalizes the top-k gates like
-Mixtral for k >= 2, not for k = 1). Mixtral has no capacity limit, so its logits equal this model's wherever no
-token overflows an expert's eval capacity.
+(block_sparse_moe.experts.N.w1/w2/w3), loadable without this project. Only where the model is a Mixtral: every
+layer MoE, no shared experts, no residual MoE, and Mixtral's routing (softmax scores, the top-k weights renormalised,
+no expert bias, no groups, no scaling; so top-1 only with router_norm_topk_prob=true). Neither model drops tokens
+at inference (capacity dropping is a training device), so the export's logits equal this model's.
 
 The folder holds JSON and safetensors files only: no pickles.
 """
@@ -86,7 +87,8 @@ def find_tokenizer(checkpoint: Path, tokenizer: Path | None) -> Path:
 
 
 def mixtral_blockers(config: MoeConfig) -> list[str]:
-    """What keeps this architecture from being a MixtralForCausalLM (empty: it is one)."""
+    """What keeps this model from being a MixtralForCausalLM (empty: it is one): its architecture, or routing that
+    Mixtral's router (softmax over all experts, top-k, weights divided by their sum) does not compute."""
     blockers = []
     if config.num_shared_experts:
         blockers.append(f"shared experts (num_shared_experts={config.num_shared_experts})")
@@ -95,8 +97,19 @@ def mixtral_blockers(config: MoeConfig) -> list[str]:
     if len(config.moe_layer_indices) != config.num_hidden_layers:
         blockers.append(f"dense layers (first_k_dense_replace={config.first_k_dense_replace}, "
                         f"moe_layer_freq={config.moe_layer_freq})")
-    if config.num_experts_per_tok < 2:
-        blockers.append("top-1 routing (DeepSpeed scales by the softmax probability, Mixtral by 1)")
+    if config.router_score_func != "softmax":
+        blockers.append(f"router_score_func={config.router_score_func!r} (Mixtral's scores are a softmax)")
+    if config.uses_expert_bias:
+        blockers.append(f"the expert bias (router_balance={config.router_balance!r}; Mixtral's router has none)")
+    if config.router_n_group is not None:
+        blockers.append(f"group-limited routing (router_n_group={config.router_n_group}, router_topk_group="
+                        f"{config.router_topk_group})")
+    if config.router_scaling_factor != 1.0:
+        blockers.append(f"router_scaling_factor={config.router_scaling_factor} (Mixtral's is 1)")
+    if not config.norm_topk:
+        blockers.append("top-1 routing (the weight is the softmax probability, Mixtral's is 1; "
+                        "router_norm_topk_prob=true would match)" if config.num_experts_per_tok == 1 else
+                        "router_norm_topk_prob=false (Mixtral divides the top-k weights by their sum)")
     if not config.backend_support.mixtral_export:
         blockers.append(f"moe_backend={config.moe_backend!r}")
     return blockers
@@ -107,9 +120,6 @@ def to_mixtral(config: MoeConfig, weights: dict[str, torch.Tensor]) -> tuple[Mix
     if blockers:
         raise ValueError(f"--format mixtral needs Mixtral's architecture; this model has {', '.join(blockers)}. "
                          "Export it with --format hf.")
-    if config.drop_tokens:
-        log.warning("Mixtral has no expert capacity: its outputs equal this model's wherever no token overflows "
-                    "eval_capacity_factor=%s (drop_tokens=true)", config.eval_capacity_factor)
     mixtral = MixtralConfig(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.moe_intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
@@ -144,7 +154,9 @@ def export(checkpoint: Path, output: Path, fmt: str = "hf", dtype: str = "float3
         raise ValueError(f"{output} exists and is not empty; export into a new folder.")
     tokenizer = AutoTokenizer.from_pretrained(str(find_tokenizer(checkpoint, tokenizer)))
     config = MoeConfig.from_dict(manifest["model"])
-    weights = {name: tensor.to(DTYPES[dtype]) for name, tensor in read_weights(checkpoint, manifest["tensors"]).items()}
+    # Buffers (the expert bias) keep their fp32: a bias rounded to bf16 would change which experts a token picks.
+    weights = {name: tensor if manifest["tensors"][name].get("buffer") else tensor.to(DTYPES[dtype])
+               for name, tensor in read_weights(checkpoint, manifest["tensors"]).items()}
     if fmt == "mixtral":
         config, weights = to_mixtral(config, weights)
         config.architectures = ["MixtralForCausalLM"]

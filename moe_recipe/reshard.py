@@ -1,4 +1,5 @@
-"""Layout-independent training state: every parameter's fp32 master weight and Adam moments, under its global name.
+"""Layout-independent training state: every parameter's fp32 master weight and Adam moments, under its global name,
+and the model's persistent buffers (the expert bias of router_balance "bias").
 
 DeepSpeed's native MoE checkpoint ties the optimizer state to the layout it was saved with: ZeRO shards are flat
 partitions of each rank's parameter groups, and which experts a rank holds depends on ep_size (its universal
@@ -6,11 +7,16 @@ checkpoint converter does not handle native MoE checkpoints, DeepSpeed issue #57
 whole instead, with DeepSpeed's public `safe_get_full_*` helpers (they assemble ZeRO-1/2 partitions), and named as in
 a model built with ep_size=1: local expert i of expert-parallel rank r is global expert r * num_local_experts + i.
 Any layout then sets the parameters it holds (`safe_set_full_*`), and the export command reads the weights alone.
+Persistent buffers are state the optimizer does not own (the expert bias moves by its own rule after each step) and
+the same on every rank: written once, by rank 0, in their own dtype (DeepSpeed keeps fp32 buffers fp32 when it casts
+the weights to bf16), and set on every rank at every layout.
 
 Files, safetensors only, one per section (a decoder layer, the embedding, the head) and writer, under `portable/`:
     <section>.safetensors                         dense parameters, written by rank (section index % world size)
     <section>.experts_<first>-<last>.safetensors  one expert-parallel rank's experts, written by its expert-DP rank 0
-Keys: `<global name>` for the fp32 weight, `<state key>/<global name>` for the moments (exp_avg, exp_avg_sq).
+    buffers.safetensors                           the persistent buffers (when the model has any), written by rank 0
+Keys: `<global name>` for the fp32 weight or the buffer, `<state key>/<global name>` for the moments (exp_avg,
+exp_avg_sq). The manifest's table marks buffers with `"buffer": true`.
 """
 
 import re
@@ -33,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 PORTABLE_DIR = "portable"
+BUFFERS_FILE = f"{PORTABLE_DIR}/buffers.safetensors"
 _EXPERT_ID = re.compile(r"\.deepspeed_experts\.(\d+)\.")
 _LAYER = re.compile(r"^(.*?\.layers\.\d+)\.")
 
@@ -47,6 +54,31 @@ class PortableParam:
     section: str
     file: str  # relative to the checkpoint folder
     writer: bool  # this rank writes it (every rank that holds it reads it back)
+
+
+@dataclass
+class PortableBuffer:
+    """One persistent buffer of the module (not a parameter: no master weight, no moments)."""
+
+    name: str  # in engine.module's state dict; the same as the global name (no buffer lives inside an expert)
+    owner: torch.nn.Module
+    attribute: str
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return getattr(self.owner, self.attribute)
+
+
+def portable_buffers(module: torch.nn.Module) -> list[PortableBuffer]:
+    """The module's persistent buffers (what `state_dict` holds besides parameters), in `named_modules` order."""
+    buffers = []
+    for prefix, owner in module.named_modules():
+        for attribute, tensor in owner._buffers.items():
+            if tensor is not None and attribute not in owner._non_persistent_buffers_set:
+                name = f"{prefix}.{attribute}" if prefix else attribute
+                assert not _EXPERT_ID.search(name), f"{name}: a buffer inside an expert would need its global id"
+                buffers.append(PortableBuffer(name, owner, attribute))
+    return buffers
 
 
 def _section(name: str) -> str:
@@ -93,7 +125,8 @@ def portable_params(module: torch.nn.Module) -> list[PortableParam]:
 
 
 def expected_global_names(module: torch.nn.Module) -> set[str]:
-    """Every global parameter name of the model (all experts, not only this rank's), from its local names."""
+    """Every global parameter name of the model (all experts, not only this rank's), from its local names, and its
+    persistent buffers."""
     moe_layers = _moe_layers(module)
     names = set()
     for name, param in module.named_parameters():
@@ -101,7 +134,7 @@ def expected_global_names(module: torch.nn.Module) -> set[str]:
             names.update(_with_expert_id(name, e) for e in range(_owner(name, moe_layers).num_experts))
         else:
             names.add(name)
-    return names
+    return names | {b.name for b in portable_buffers(module)}
 
 
 def unsupported_reason(engine) -> str | None:
@@ -238,6 +271,11 @@ def save_portable_state(engine, folder: Path) -> tuple[dict[str, dict], dict]:
             for file, tensors in pending.items():
                 save_file(tensors, str(folder / file), metadata={"format": "pt"})
             pending = {}
+    buffers = portable_buffers(engine.module)
+    if buffers and dist.get_rank() == 0:  # the same on every rank
+        save_file({b.name: b.tensor.detach().to("cpu", copy=True) for b in buffers}, str(folder / BUFFERS_FILE),
+                  metadata={"format": "pt"})
+        table.update({b.name: {"file": BUFFERS_FILE, "shape": list(b.tensor.shape), "buffer": True} for b in buffers})
     tables = [None] * dist.get_world_size()
     dist.all_gather_object(tables, table)
     merged = {name: entry for rank_table in tables for name, entry in rank_table.items()}
@@ -246,24 +284,28 @@ def save_portable_state(engine, folder: Path) -> tuple[dict[str, dict], dict]:
 
 
 def check_tensors_match(module: torch.nn.Module, tensors: dict[str, dict], where: str) -> None:
-    """Raise a ValueError naming the parameters the checkpoint lacks, has in excess, or has in another shape."""
+    """Raise a ValueError naming the tensors (parameters, buffers) the checkpoint lacks, has in excess, or has in
+    another shape."""
     expected = expected_global_names(module)
     problems = []
     missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
     if missing:
-        problems.append(f"missing {len(missing)} parameter(s) of this model, e.g. {missing[:3]}")
+        problems.append(f"missing {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
     if unexpected:
-        problems.append(f"{len(unexpected)} parameter(s) this model does not have, e.g. {unexpected[:3]}")
-    for p in portable_params(module):
-        entry = tensors.get(p.global_name)
-        if entry is not None and list(entry["shape"]) != list(p.param.shape):
-            problems.append(f"{p.global_name} has shape {entry['shape']} there, {list(p.param.shape)} here")
+        problems.append(f"{len(unexpected)} tensor(s) this model does not have, e.g. {unexpected[:3]}")
+    shapes = [(p.global_name, p.param.shape) for p in portable_params(module)]
+    shapes += [(b.name, b.tensor.shape) for b in portable_buffers(module)]
+    for name, shape in shapes:
+        entry = tensors.get(name)
+        if entry is not None and list(entry["shape"]) != list(shape):
+            problems.append(f"{name} has shape {entry['shape']} there, {list(shape)} here")
     if problems:
         raise ValueError(f"{where} does not fit this model: " + "; ".join(problems[:6]) + ".")
 
 
 def load_portable_state(engine, folder: Path, tensors: dict[str, dict], optimizer: dict) -> None:
-    """Set every parameter this rank holds, and its moments, from the layout-independent state. No collectives.
+    """Set every parameter this rank holds, its moments and the buffers from the layout-independent state. No
+    collectives.
 
     The caller has checked the table against the model (`check_tensors_match`).
     """
@@ -282,10 +324,22 @@ def load_portable_state(engine, folder: Path, tensors: dict[str, dict], optimize
             values.update({key: reader.get_tensor(f"{key}/{p.global_name}") for key in state.state_keys})
             state.set(p.param, values)
     state.set_step(optimizer["step"])
+    load_buffers(engine.module, folder, tensors)
+
+
+def load_buffers(module: torch.nn.Module, folder: Path, tensors: dict[str, dict]) -> None:
+    """Set the persistent buffers from the layout-independent state (DeepSpeed's own same-layout load sets them from
+    its module states)."""
+    buffers = portable_buffers(module)
+    if not buffers:
+        return
+    with safe_open(str(folder / tensors[buffers[0].name]["file"]), framework="pt", device="cpu") as reader:
+        for b in buffers:
+            b.tensor.copy_(reader.get_tensor(b.name))
 
 
 def read_weights(folder: Path, tensors: dict[str, dict]) -> dict[str, torch.Tensor]:
-    """All fp32 weights by global name (the export path: no engine, no process group)."""
+    """All fp32 weights and the buffers by global name (the export path: no engine, no process group)."""
     weights = {}
     by_file: dict[str, list[str]] = {}
     for name, entry in tensors.items():
@@ -299,11 +353,14 @@ def read_weights(folder: Path, tensors: dict[str, dict]) -> dict[str, torch.Tens
 
 __all__ = [
     "MasterState",
+    "PortableBuffer",
     "PortableParam",
     "check_tensors_match",
     "ensure_optimizer_state",
     "expected_global_names",
+    "load_buffers",
     "load_portable_state",
+    "portable_buffers",
     "portable_params",
     "read_weights",
     "save_portable_state",

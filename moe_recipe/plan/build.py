@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .activations import ActivationMemory, activation_memory
-from .communication import Communication, communication
+from .communication import Communication, communication, ranks_per_group
 from .hardware import ClusterSpec, GiB
 from .memory import StateMemory, optimizer_groups, state_memory
 
@@ -66,6 +66,8 @@ class Plan:
         for key in ("params", "grads", "master_weights", "optimizer_states", "num_params"):
             out["memory"][key]["total"] = getattr(self.memory, key).total
         out["memory"]["device_total"] = self.memory.device_total
+        if self.comm.token_dispatch is not None:
+            out["comm"]["token_dispatch"]["saving"] = self.comm.token_dispatch.saving
         return out
 
 
@@ -152,6 +154,10 @@ def layout_warnings(cfg: RecipeConfig, c: MoeConfig, plan: Plan, cluster: Cluste
     if not c.drop_tokens:
         warnings.append("model.drop_tokens=false: the expert buffers are sized by the busiest expert each step; "
                         f"the plan uses the worst case C = T = {plan.comm.capacity}.")
+    if c.router_n_group is not None and G > 1 and ranks_per_group(c.num_experts, c.router_n_group, G) is None:
+        warnings.append(f"model.router.n_group={c.router_n_group} is neither a multiple nor a divisor of "
+                        f"parallel.ep_size={G}: groups straddle EP ranks, so the group limit bounds the ranks a token "
+                        "reaches only loosely; pick n_group = ep_size (one group per rank) or a multiple or divisor.")
     if cfg.trainer.precision == "auto":
         warnings.append("trainer.precision=auto is planned as bf16 (what the recipe picks on these GPUs).")
     return warnings

@@ -37,6 +37,27 @@ def format_seconds(seconds: float) -> str:
     return f"{_three_digits(seconds * 1e6)} us"
 
 
+def format_token_dispatch(p: Plan) -> list[str]:
+    """How many EP ranks a token reaches, and the volume of a once-per-rank dispatcher, with and without groups."""
+    d = p.comm.token_dispatch
+    lines = [f"  a token's k={d.num_experts_per_tok} experts reach {d.expected_ranks:.2f} of {p.ep_size} EP ranks on "
+             f"average (uniform routing), at most {d.max_ranks}; a dispatcher sending each token once per "
+             f"destination rank would hand over {format_bytes(d.bytes_per_step)} per step"]
+    if d.max_ranks_limited is None:
+        return lines
+    groups = f"model.router.n_group={d.n_group}, topk_group={d.topk_group}"
+    if d.expected_ranks_limited is None:
+        lines.append(f"  group-limited routing ({groups}; groups straddle EP ranks): at most {d.max_ranks_limited} "
+                     "ranks per token; the expected volume is not modeled")
+    else:
+        lines.append(f"  group-limited routing ({groups}): at most {d.max_ranks_limited} ranks per token, "
+                     f"{d.expected_ranks_limited:.2f} on average: {format_bytes(d.bytes_per_step_limited)} per step, "
+                     f"{d.saving:.0%} less")
+    lines.append("  (DeepSpeed's all-to-all above sends the whole E x C buffer whatever the routing: the group limit "
+                 "does not shrink it)")
+    return lines
+
+
 def format_plan(p: Plan, fixes: list[list[str]] = ()) -> str:
     """The report `moe-plan` prints; `fixes` (from search.find_fixes) are listed, one per line, if it does not fit."""
     m, a, comm, cl = p.memory, p.activations, p.comm, p.cluster
@@ -89,6 +110,7 @@ def format_plan(p: Plan, fixes: list[list[str]] = ()) -> str:
             f"all {moe_layers} MoE layers: {format_bytes(comm.all_to_all_total)}, "
             f"of which {format_bytes(comm.all_to_all_sent)} leaves the GPU "
             f"({comm.ep_peers_same_node} EP peers on this node, {comm.ep_peers_other_nodes} on others)",
+            *format_token_dispatch(p),
         ]
     else:
         lines.append("  all-to-all: none (ep_size=1)")

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 
 from moe_recipe.config import (DataConfig, LoggingConfig, ModelConfig, OptimConfig, ParallelConfig, RecipeConfig,
-                               TrainerConfig, ZeroConfig, build_recipe)
+                               RouterConfig, TrainerConfig, ZeroConfig, build_recipe)
 from moe_recipe.data import TrainingData, load_tokenizer, open_store, store_from_tokens, tokenizer_fingerprint
 from moe_recipe.data.sampler import Component
-from moe_recipe.engine import build_model, initialize_engine
+from moe_recipe.engine import build_model, initialize_engine, update_expert_bias
 from moe_recipe.metrics import MetricsSink
 from moe_recipe.trainer import Trainer
 
@@ -27,17 +27,49 @@ GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, STEPS = 8, 2, 16, 128, 6
 MODEL = dict(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, num_experts=4, num_experts_per_tok=2,
-    capacity_factor=1.0, eval_capacity_factor=4.0, min_capacity=2, drop_tokens=True,
+    capacity_factor=1.0, min_capacity=2, drop_tokens=True,
     # RTS and the sampled second expert draw from each rank's RNG: not layout invariant, so they are off.
     use_rts=False, top2_2nd_expert_sampling=False,
     num_shared_experts=1, first_k_dense_replace=1, router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
 )
 
+
+
+class BiasTrainer(Trainer):
+    """The Trainer, plus what it does not do yet (helper recipe12 adds it to Trainer.train_step; then drop the
+    update here): after each optimizer step, move the expert bias by the step's global load. It also writes the bias
+    the first step starts from (after a resume: what the checkpoint restored) to `bias_at_start`."""
+
+    def __init__(self, *args, bias_at_start: Path, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bias_at_start = bias_at_start
+        self.step_load_LE = None
+        self.engine.module.register_forward_hook(self._count_load)
+
+    def _count_load(self, module, args, out) -> None:
+        if module.training:
+            self.step_load_LE = out.router_demand if self.step_load_LE is None else self.step_load_LE + out.router_demand
+
+    def train_step(self, step: int) -> None:
+        if not self.bias_at_start.exists() and self.rank == 0:
+            torch.save(self.engine.module.expert_bias().clone(), self.bias_at_start)
+        super().train_step(step)
+        update_expert_bias(self.engine.module, self.step_load_LE)
+        self.step_load_LE = None
+
+
+def model_config(overrides: dict) -> ModelConfig:
+    """MODEL with `overrides` (ModelConfig fields; `router` a dict of RouterConfig fields, as in a run's config.yaml)."""
+    settings = {**MODEL, **overrides}
+    settings["router"] = RouterConfig(**settings.get("router", {}))
+    return ModelConfig(**settings)
+
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--jobs", required=True,
                     help="JSON list of {run_dir, ep_size, zero_stage, and optionally offload, precision, resume, "
                          "checkpoint_interval, model (overrides of MODEL), optim (OptimConfig fields), logits (a file "
-                         "to write)}")
+                         "to write)}; a model whose router.balance uses the expert bias trains with BiasTrainer")
 args = parser.parse_args()
 
 deepspeed.init_distributed()
@@ -57,7 +89,7 @@ data = TrainingData([Component("main", open_store(store_dir, "data.store"), 1.0)
 
 for job in json.loads(args.jobs):
     cfg = RecipeConfig(
-        model=ModelConfig(**{**MODEL, **job.get("model", {})}),
+        model=model_config(job.get("model", {})),
         parallel=ParallelConfig(ep_size=job["ep_size"]),
         zero=ZeroConfig(stage=job["zero_stage"], offload_optimizer=job.get("offload", False)),
         optim=OptimConfig(**{"lr": 1e-2, "warmup_steps": 2, **job.get("optim", {})}),
@@ -77,7 +109,11 @@ for job in json.loads(args.jobs):
                                recipe.total_steps)
     torch.manual_seed(cfg.trainer.seed + rank)
     metrics = MetricsSink(run_dir, cfg.logging, "test", {}, enabled=rank == 0)
-    Trainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps).fit()
+    if recipe.model.uses_expert_bias:
+        BiasTrainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps,
+                    bias_at_start=run_dir / "bias_at_start.pt").fit()
+    else:
+        Trainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps).fit()
     metrics.close()
     if "logits" in job:  # the trained model's own logits, at its layout, on the same input on every rank
         engine.eval()

@@ -29,14 +29,23 @@ CASES = {
     "ep2xdp2_to_ep4": ((4, 2), (4, 4)),
 }
 # Beyond the stage matrix, (saved, resumed) jobs: ZeRO-Offload into EP 2 x DP 2 (experts partitioned over their
-# expert-data-parallel pair), with the WSD schedule decaying over the resumed steps 4-6; and bf16 weights resumed at
-# another layout and ZeRO stage.
+# expert-data-parallel pair), with the WSD schedule decaying over the resumed steps 4-6; bf16 weights resumed at
+# another layout and ZeRO stage; and the expert bias (a buffer, updated after every step) resumed at another layout
+# (DeepSeek-V3's routing: sigmoid scores, one group of 2 experts = one EP rank per token, bias + sequence loss) and
+# at the same layout through DeepSpeed's own load, in bf16 (DeepSpeed casts the weights, not the fp32 buffers).
 WSD = {"schedule": "wsd", "decay_fraction": 0.5}
+DEEPSEEK_V3_ROUTING = {"router": {"balance": "bias+sequence", "score_func": "sigmoid", "norm_topk_prob": True,
+                                  "scaling_factor": 2.5, "n_group": 2, "topk_group": 1}, "router_aux_loss_coef": 1e-3}
+BIAS = {"router": {"balance": "bias"}, "router_aux_loss_coef": 0.0}
 OTHER_CASES = {
     "offload_ep2_to_ep2xdp2": ({"world": 2, "ep_size": 2, "zero_stage": 2, "offload": True, "optim": WSD},
                                {"world": 4, "ep_size": 2, "zero_stage": 2, "offload": True, "optim": WSD}),
     "bf16_ep2z2_to_ep1z1": ({"world": 2, "ep_size": 2, "zero_stage": 2, "precision": "bf16"},
                             {"world": 1, "ep_size": 1, "zero_stage": 1, "precision": "bf16"}),
+    "bias_ep2_to_ep1": ({"world": 2, "ep_size": 2, "zero_stage": 1, "model": DEEPSEEK_V3_ROUTING},
+                        {"world": 1, "ep_size": 1, "zero_stage": 1, "model": DEEPSEEK_V3_ROUTING}),
+    "bias_bf16_ep2_same_layout": ({"world": 2, "ep_size": 2, "zero_stage": 2, "precision": "bf16", "model": BIAS},
+                                  {"world": 2, "ep_size": 2, "zero_stage": 2, "precision": "bf16", "model": BIAS}),
 }
 SCRAMBLED = "ep2_to_ep4_z2"  # its checkpoint with two experts' moments swapped: the comparison must catch it
 
@@ -153,6 +162,30 @@ def test_bf16_resume_at_another_layout_and_zero_stage(runs):
     for step in range(SAVE_STEP + 2, STEPS + 1):
         assert got[step]["train/loss"] == pytest.approx(expected[step]["train/loss"], rel=1e-4)
         assert got[step]["train/lr"] == pytest.approx(expected[step]["train/lr"], rel=1e-9)
+
+
+def expert_bias(folder: Path) -> dict[str, torch.Tensor]:
+    """The expert bias of each MoE layer in a checkpoint's layout-independent state."""
+    manifest = json.loads((folder / "checkpoint.json").read_text())
+    buffers = {name for name, entry in manifest["tensors"].items() if entry.get("buffer")}
+    tensors = portable_tensors(folder)
+    return {name: tensors[name] for name in sorted(buffers)}
+
+
+@pytest.mark.parametrize("case", ["bias_ep2_to_ep1", "bias_bf16_ep2_same_layout"])
+def test_expert_bias_resumes_at_any_layout(runs, case):
+    """The bias is saved, restored exactly (fp32, also in a bf16 run) and keeps moving as in the uninterrupted run."""
+    saved, resumed = runs / f"{case}_save", runs / f"{case}_resume"
+    bias_saved = expert_bias(checkpoint(saved, SAVE_STEP))
+    assert sorted(bias_saved) == [f"model.layers.{i}.mlp.moe.deepspeed_moe.gate.e_score_correction_bias"
+                                  for i in (1, 2)]  # layer 0 is dense
+    assert all(bias.dtype == torch.float32 and bias.abs().max() > 0 for bias in bias_saved.values())
+    # What the resumed run's first step routed with: the checkpoint's bias, bit for bit.
+    assert torch.equal(torch.load(resumed / "bias_at_start.pt"), torch.stack(list(bias_saved.values())))
+    final, reference = expert_bias(checkpoint(resumed, STEPS)), expert_bias(checkpoint(saved, STEPS))
+    assert all(not torch.equal(final[name], bias_saved[name]) for name in final)  # it kept moving ...
+    assert all(torch.equal(final[name], reference[name]) for name in final)  # ... as in the uninterrupted run
+    assert_resumed_like_uninterrupted(saved, resumed)
 
 
 def test_swapped_expert_moments_are_caught(runs):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moe_model import MoeForCausalLM
+from moe_model.modeling_moe import route_tokens
 from moe_recipe import analyze_routing
 from moe_recipe.config import load_recipe
 from moe_recipe.export import export
@@ -97,6 +98,48 @@ def test_analysis_routes_as_the_model_does(hf_folder):
     handle.remove()
     logits_TE = hidden["x"][0].float() @ gate.float().T
     torch.testing.assert_close(experts_LTk[1], logits_TE.topk(2, dim=-1).indices)
+
+
+@pytest.fixture(scope="module")
+def deepseek_v3_folder(tmp_path_factory) -> Path:
+    """A tiny model with DeepSeek-V3's routing (sigmoid scores, 2 groups of 4 experts, 1 group per token, scaling,
+    the expert bias), its bias set as training would have moved it."""
+    folder = tmp_path_factory.mktemp("hf-v3") / "model"
+    recipe = load_recipe(["model.router.balance=bias+sequence", "model.router.score_func=sigmoid",
+                          "model.router.norm_topk_prob=true", "model.router.scaling_factor=2.5",
+                          "model.router.n_group=2", "model.router.topk_group=1"], world_size=1)
+    torch.manual_seed(0)
+    model = MoeForCausalLM(recipe.model)
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            layer.expert_bias_owner().e_score_correction_bias.copy_(torch.randn(8) * 0.05)
+    model.save_pretrained(folder)
+    recipe.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_analysis_routes_with_the_bias_and_the_group_limit(deepseek_v3_folder, capsys):
+    model, tokenizer, _ = analyze_routing.load(deepseek_v3_folder)
+    assert model.expert_bias().abs().max() > 0  # the folder's bias, not a fresh zero one
+    input_ids = torch.tensor(tokenizer(TEXT)["input_ids"])
+    experts_LTk = analyze_routing.route_tokens(model, input_ids)
+    logits = {}  # each MoE layer's router logits, from its input as the model computes it
+
+    def keep_logits(i: int, layer):
+        def hook(module, args, output) -> None:
+            logits[i] = output[0].float() @ layer.mlp.router_weight.float().T
+        return hook
+
+    for i, layer in enumerate(model.moe_layers()):
+        layer.post_attention_layernorm.register_forward_hook(keep_logits(i, layer))
+    model(input_ids=input_ids[None])
+    for i, layer in enumerate(model.moe_layers()):
+        bias_E = layer.expert_bias_owner().e_score_correction_bias
+        torch.testing.assert_close(experts_LTk[i], route_tokens(logits[i], model.config, bias_E).experts_Tk)
+        assert not torch.equal(experts_LTk[i], route_tokens(logits[i], model.config).experts_Tk)  # the bias counts
+        assert torch.equal(experts_LTk[i][:, 0] // 4, experts_LTk[i][:, 1] // 4)  # both in the token's one group
+    assert analyze_routing.main([str(deepseek_v3_folder), "--text", TEXT]) == analyze_routing.EXIT_OK
+    assert "8 experts, top-2" in capsys.readouterr().out
 
 
 def test_analysis_reads_the_training_checkpoint_and_its_export_alike(run_dir, tmp_path, capsys):

@@ -1,8 +1,9 @@
 """The export command turns a checkpoint trained at EP 2 into HF folders whose logits are the training model's.
 
-One run of recipes/train.py (2 ranks, EP 2, ZeRO-1) makes the checkpoint; the training model's own logits come
-from the recipe's engine at that layout with the checkpoint loaded (tests/distributed/resume_worker.py). The
-exports are then loaded here, in a process without DeepSpeed engine or process group.
+One run of recipes/train.py (2 ranks, EP 2, ZeRO-1, a capacity small enough that training drops tokens) makes the
+checkpoint; the training model's own eval logits come from the recipe's engine at that layout with the checkpoint
+loaded (tests/distributed/resume_worker.py), which also trains a model that routes with the expert bias (DeepSeek-V3's
+routing). The exports are then loaded here, in a process without DeepSpeed engine or process group.
 """
 
 import json
@@ -13,29 +14,37 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from moe_model import MoeConfig
 from moe_recipe.export import export, mixtral_blockers
-from tests.helpers import REPO, overrides, run_command, torchrun
+from tests.helpers import REPO, overrides, run_command, torchrun, train_rows
 
 TRAIN = REPO / "recipes" / "train.py"
 WORKER = REPO / "tests" / "distributed" / "resume_worker.py"
 pytestmark = pytest.mark.e2e
 STEPS = 6  # overrides() trains 6 steps; resume_worker.py, loading a step-6 checkpoint, trains no further
+BIAS_ROUTING = {"router": {"balance": "bias", "score_func": "sigmoid", "norm_topk_prob": True, "scaling_factor": 2.5,
+                           "n_group": 2, "topk_group": 1}, "router_aux_loss_coef": 0.0}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, dict]:
+def trained(tmp_path_factory) -> tuple[Path, dict, Path, dict]:
+    """(run folder, its eval logits, the expert-bias run folder, its eval logits)."""
     root = tmp_path_factory.mktemp("export")
     run_dir = root / "run"
-    # eval_capacity_factor = num_experts: no token is ever dropped at inference, as in Mixtral.
-    torchrun(TRAIN, 2, overrides(run_dir, "parallel.ep_size=2", "zero=stage1", "model.eval_capacity_factor=8.0"))
+    # Capacity 0.5 x the even share: training drops routes in every layer; eval and the exports never drop.
+    torchrun(TRAIN, 2, overrides(run_dir, "parallel.ep_size=2", "zero=stage1", "model.capacity_factor=0.5"))
+    assert all(row[f"routing/layer_{layer}/dropped_fraction"] > 0.1 for row in train_rows(run_dir).values()
+               for layer in (0, 1))
     model = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
-    job = {"run_dir": str(root / "reload"), "ep_size": 2, "zero_stage": 1, "model": model,
-           "resume": str(run_dir / "checkpoints"), "logits": str(root / "logits.pt")}
-    torchrun(WORKER, 2, ["--jobs", json.dumps([job])])
-    return run_dir, torch.load(root / "logits.pt")
+    reload = {"run_dir": str(root / "reload"), "ep_size": 2, "zero_stage": 1, "model": model,
+              "resume": str(run_dir / "checkpoints"), "logits": str(root / "logits.pt")}
+    bias = {"run_dir": str(root / "bias"), "ep_size": 2, "zero_stage": 1, "model": BIAS_ROUTING,
+            "logits": str(root / "bias_logits.pt")}
+    torchrun(WORKER, 2, ["--jobs", json.dumps([reload, bias])])
+    return run_dir, torch.load(root / "logits.pt"), root / "bias", torch.load(root / "bias_logits.pt")
 
 
 def assert_pickle_free(folder: Path) -> None:
@@ -46,7 +55,7 @@ def assert_pickle_free(folder: Path) -> None:
 
 
 def test_hf_export_loads_without_deepspeed_and_gives_the_training_logits(trained, tmp_path):
-    run_dir, reference = trained
+    run_dir, reference, _, _ = trained
     out = tmp_path / "hf"
     proc = run_command([sys.executable, "-m", "moe_recipe.export", str(run_dir), str(out)])
     assert f"step_{STEPS:08d}" in proc.stdout
@@ -63,8 +72,30 @@ def test_hf_export_loads_without_deepspeed_and_gives_the_training_logits(trained
     torch.testing.assert_close(logits, reference["logits"], rtol=1e-5, atol=1e-5)
 
 
+def test_hf_export_carries_the_expert_bias(trained, tmp_path):
+    """from_pretrained routes with the trained bias: without it (a zero bias) the logits differ."""
+    _, _, bias_run, reference = trained
+    out = tmp_path / "hf-bias"
+    export(bias_run, out, tokenizer=REPO / "assets" / "tokenizer")
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    bias_LE = model.expert_bias()
+    assert bias_LE.shape == (2, 4) and bias_LE.abs().max() > 0
+    with safe_open(str(out / "model.safetensors"), framework="pt") as reader:
+        assert reader.get_tensor("model.layers.1.mlp.moe.deepspeed_moe.gate.e_score_correction_bias").dtype == \
+            torch.float32
+    with torch.no_grad():
+        logits = model(input_ids=reference["input_ids"]).logits
+        torch.testing.assert_close(logits, reference["logits"], rtol=1e-5, atol=1e-5)
+        for layer in model.moe_layers():
+            layer.expert_bias_owner().e_score_correction_bias.zero_()
+        assert not torch.allclose(model(input_ids=reference["input_ids"]).logits, reference["logits"], atol=1e-3)
+    with pytest.raises(ValueError, match="the expert bias"):
+        export(bias_run, tmp_path / "mixtral-bias", fmt="mixtral", tokenizer=REPO / "assets" / "tokenizer")
+
+
 def test_mixtral_export_gives_the_training_logits(trained, tmp_path):
-    run_dir, reference = trained
+    """Trained with drops (capacity 0.5): Mixtral, which never drops, matches the training model's eval logits."""
+    run_dir, reference, _, _ = trained
     out = tmp_path / "mixtral"
     export(run_dir / "checkpoints" / f"step_{STEPS:08d}", out, fmt="mixtral")
     assert_pickle_free(out)
@@ -72,7 +103,7 @@ def test_mixtral_export_gives_the_training_logits(trained, tmp_path):
     assert model.config.num_local_experts == 8 and model.config.num_experts_per_tok == 2
     with torch.no_grad():
         logits = model(input_ids=reference["input_ids"]).logits
-    torch.testing.assert_close(logits, reference["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-4)
     # bf16 weights: half the size, same model up to bf16 rounding.
     half = tmp_path / "mixtral-bf16"
     export(run_dir, half, fmt="mixtral", dtype="bfloat16")
@@ -80,7 +111,7 @@ def test_mixtral_export_gives_the_training_logits(trained, tmp_path):
 
 
 def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(trained, tmp_path):
-    run_dir, _ = trained
+    run_dir, _, _, _ = trained
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     proc = run_command([sys.executable, "-m", "moe_recipe.export", str(run_dir), str(tmp_path / "taken")], check=False)
@@ -97,8 +128,15 @@ def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(trained, tmp
         ({"use_residual": True}, "residual MoE"),
         ({"first_k_dense_replace": 1}, "dense layers"),
         ({"num_experts_per_tok": 1}, "top-1 routing"),
+        ({"router_score_func": "sigmoid"}, "router_score_func='sigmoid'"),
+        ({"router_balance": "bias+sequence"}, "the expert bias (router_balance='bias+sequence'"),
+        ({"router_n_group": 2, "router_topk_group": 1}, "group-limited routing (router_n_group=2"),
+        ({"router_scaling_factor": 2.5}, "router_scaling_factor=2.5"),
+        ({"router_norm_topk_prob": False}, "router_norm_topk_prob=false"),
     ],
 )
 def test_mixtral_format_needs_mixtral_architecture(overrides, blocker):
     assert mixtral_blockers(MoeConfig(num_experts=4)) == []
+    # Mixtral's top-1 divides the weight by itself (1.0): the same as router_norm_topk_prob=true.
+    assert mixtral_blockers(MoeConfig(num_experts=4, num_experts_per_tok=1, router_norm_topk_prob=True)) == []
     assert any(blocker in b for b in mixtral_blockers(MoeConfig(num_experts=4, **overrides)))

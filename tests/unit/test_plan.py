@@ -17,8 +17,9 @@ import torch
 from deepspeed.moe.sharded_moe import _capacity
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-from moe_model import MoeForCausalLM
-from moe_recipe.config import load_recipe
+from moe_model import MoeConfig, MoeForCausalLM
+from moe_model.modeling_moe import route_tokens
+from moe_recipe.config import CONF_DIR, load_recipe
 from moe_recipe.plan import (
     DTYPE_BYTES,
     EXIT_DOES_NOT_FIT,
@@ -38,6 +39,7 @@ from moe_recipe.plan import (
     zero2_grad_numel,
     zero_flat_numel,
 )
+from moe_recipe.plan.communication import expected_destination_ranks, max_destination_ranks
 
 
 def saved_tensor_bytes(model, input_ids) -> int:
@@ -300,3 +302,85 @@ def test_fixes_are_listed_one_per_line(capsys):
     for fix in fixes:
         assert run_main(capsys, *args, *fix)[0] == EXIT_FITS, fix
 
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+def test_every_shipped_model_is_planned(model):
+    cfg = load_recipe([f"model={model}", "parallel.ep_size=8", "zero=stage2", "trainer.micro_batch_size=1",
+                       "data.seq_len=256", "trainer.activation_checkpointing=true"], world_size=64).config
+    plan = build_plan(cfg, ClusterSpec.from_preset("h100", nodes=8))
+    assert plan.total_params > 0 and plan.comm.all_to_all_total > 0 and plan.comm.token_dispatch is not None
+
+
+def test_deepseek_v3_and_qwen3_sizes():
+    def plan(model: str):
+        cfg = load_recipe([f"model={model}", "parallel.ep_size=8", "zero=stage2"], world_size=64).config
+        return build_plan(cfg, ClusterSpec.from_preset("h100", nodes=8))
+
+    v3 = plan("deepseek_v3")  # 671B total, 37B active with MLA; the GQA stand-in adds ~4B of attention
+    assert 665e9 < v3.total_params < 685e9 and 36e9 < v3.active_params_per_token < 42e9
+    qwen3 = plan("qwen3_moe")  # Qwen3-30B-A3B: 30.5B total, 3.3B active with the embeddings (0.31B) counted
+    assert 30e9 < qwen3.total_params < 31e9 and 2.9e9 < qwen3.active_params_per_token < 3.1e9
+
+
+def test_destination_ranks_hand_computed():
+    """E = 8 experts, k = 2. Plain top-k at G = 4 ranks of 2 experts: a rank is missed by C(6,2)/C(8,2) = 15/28
+    of the tokens, so 4 x 13/28 = 13/7 ranks per token."""
+    assert expected_destination_ranks(8, 2, 4) == pytest.approx(13 / 7)
+    assert expected_destination_ranks(8, 2, 2) == pytest.approx(2 * (1 - 6 / 28))
+    # Groups = ranks (4 groups of 2), one group per token: both experts on one rank.
+    assert expected_destination_ranks(8, 2, 4, n_group=4, topk_group=1) == pytest.approx(1.0)
+    # Groups = ranks, two groups per token: a rank is missed if its group is not eligible (1/2) or, eligible, its 2
+    # experts are not among the 2 of 4 eligible ones (1/6): 4 x (1 - 1/2 - 1/12) = 5/3.
+    assert expected_destination_ranks(8, 2, 4, n_group=4, topk_group=2) == pytest.approx(5 / 3)
+    # A group spans 2 ranks (2 groups of 4 at G = 4), one group per token: the same 1/2 and 1/6.
+    assert expected_destination_ranks(8, 2, 4, n_group=2, topk_group=1) == pytest.approx(5 / 3)
+    # Two groups per rank (4 groups of 2 at G = 2), two groups per token: a rank has 0, 1 or 2 of its groups
+    # eligible with probability 1/6, 4/6, 1/6 and is then missed with probability 1, 1/6, 0: 2 x (1 - 10/36) = 13/9.
+    assert expected_destination_ranks(8, 2, 2, n_group=4, topk_group=2) == pytest.approx(13 / 9)
+    # Every group eligible is plain top-k; groups that straddle ranks are not modeled.
+    assert expected_destination_ranks(8, 2, 4, n_group=4, topk_group=4) == pytest.approx(13 / 7)
+    assert expected_destination_ranks(12, 2, 4, n_group=3, topk_group=1) is None
+    # The bounds: k, G, and the ranks topk_group groups cover (12 experts on 4 ranks of 3, groups of 4 span 2 ranks).
+    assert max_destination_ranks(8, 2, 4) == 2 and max_destination_ranks(256, 8, 8) == 8
+    assert max_destination_ranks(8, 2, 4, n_group=4, topk_group=1) == 1
+    assert max_destination_ranks(256, 8, 8, n_group=8, topk_group=4) == 4  # DeepSeek-V3, one group per rank
+    assert max_destination_ranks(12, 4, 4, n_group=3, topk_group=1) == 2
+    assert max_destination_ranks(64, 8, 16, n_group=4, topk_group=1) == 4  # a group spans 4 ranks
+
+
+def test_destination_ranks_follow_the_models_routing():
+    """The plain formula is what route_tokens does with random logits (the top-k of i.i.d. scores is a uniform
+    k-subset); with the group limit no token exceeds the bound, and some reach it."""
+    torch.manual_seed(0)
+    E, k, G, T = 8, 2, 4, 20_000
+    logits_TE = torch.randn(T, E)
+    ranks = lambda experts_Tk: torch.zeros(T, G).scatter_(1, experts_Tk // (E // G), 1).sum(1)  # noqa: E731
+    plain = route_tokens(logits_TE, MoeConfig(num_experts=E, num_experts_per_tok=k)).experts_Tk
+    assert ranks(plain).mean().item() == pytest.approx(expected_destination_ranks(E, k, G), abs=0.02)
+    for n_group, topk_group in ((4, 1), (4, 2), (2, 1)):
+        config = MoeConfig(num_experts=E, num_experts_per_tok=k, router_n_group=n_group, router_topk_group=topk_group,
+                           router_score_func="sigmoid")
+        reached = ranks(route_tokens(logits_TE, config).experts_Tk)
+        assert reached.max().item() == max_destination_ranks(E, k, G, n_group, topk_group)
+
+
+def test_plan_counts_the_dispatch_volume_group_limits_save(capsys):
+    """tiny at EP 4: T = 4 x 128 = 512 tokens per rank, D = 64, bf16, 4 all-to-alls per MoE layer, 2 MoE layers."""
+    overrides = ["model=tiny", "parallel.ep_size=4", "model.router.n_group=4", "model.router.topk_group=2"]
+    plan = build_plan(load_recipe(overrides, world_size=4).config, ClusterSpec.from_preset("h100", gpus_per_node=4))
+    dispatch = plan.comm.token_dispatch
+    per_rank_reached = 512 * 64 * 2 * 4 * 2
+    assert dispatch.bytes_per_step == pytest.approx(13 / 7 * per_rank_reached)
+    assert dispatch.bytes_per_step_limited == pytest.approx(5 / 3 * per_rank_reached)
+    assert dispatch.saving == pytest.approx(1 - (5 / 3) / (13 / 7))  # 4/39
+    assert dispatch.max_ranks == 2 and dispatch.max_ranks_limited == 2
+    code, out, _ = run_main(capsys, *overrides, "--gpus-per-node", "4")
+    assert code == EXIT_FITS and "1.67 on average" in out and "10% less" in out
+    assert "does not shrink it" in out
+    code, out, _ = run_main(capsys, *overrides, "--gpus-per-node", "4", "--json")
+    assert json.loads(out)["comm"]["token_dispatch"]["saving"] == pytest.approx(4 / 39)
+    # Groups that straddle ranks: a warning, the bound, no expected volume.
+    code, out, _ = run_main(capsys, "model=tiny", "model.num_experts=12", "parallel.ep_size=4", "model.router.n_group=3",
+                            "model.router.topk_group=1", "--gpus-per-node", "4")
+    assert "groups straddle EP ranks" in out and "the expected volume is not modeled" in out
