@@ -103,7 +103,7 @@ def worker(store: Path, steps: int, out: Path) -> None:
     cfg = recipe.config
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    data = open_training_data(cfg.data, recipe.tokenizer, global_batch_size=4 * world, eval_batch_size=4 * world)
+    data = open_training_data(cfg.data, recipe.tokenizer, global_batch_size=4 * world)
     fetch = {"seconds": 0.0}
     read = data.train_micro_batch
 

@@ -1,7 +1,7 @@
 """Training metrics: summed on each rank over a log window and reduced in one collective (`WindowMetrics`), then
 written by rank 0 to a JSONL file in the run directory and W&B (`MetricsSink`).
 
-Shape legend: L MoE layers, E experts.
+Shape legend: L MoE layers (in decoder order), E experts.
 """
 
 import json
@@ -27,6 +27,8 @@ class WindowTotals:
 
     micro_steps: int  # per rank
     losses: dict[str, float]  # LOSSES, each the mean over micro steps and ranks
+    layer_aux_loss_L: torch.Tensor  # each MoE layer's balancing loss, the mean over micro steps and ranks
+    layer_z_loss_L: torch.Tensor  # each MoE layer's z-loss, the same mean
     received_LE: torch.Tensor  # routes each expert received after the capacity limit, summed
     demand_LE: torch.Tensor  # routes the router asked of each expert, summed
     dropped_L: torch.Tensor  # share of routes dropped, the mean over micro steps and ranks
@@ -36,19 +38,21 @@ class WindowMetrics:
     """What the model reports each micro step, summed on this rank until the next log: one flat device tensor.
 
     `add` runs every micro step and never syncs the host; `reduce` runs at log time: one all_reduce for every
-    number (losses, drops, expert loads, the micro-step count), then one copy to the host.
+    number (losses, per-layer losses, drops, expert loads, the micro-step count), then one copy to the host.
     """
 
     def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device) -> None:
         self.L, self.E = num_moe_layers, num_experts
-        # [losses | dropped L | received L*E | demand L*E | micro steps]
-        self._sums = torch.zeros(len(LOSSES) + self.L + 2 * self.L * self.E + 1, device=device)
+        # [losses | aux loss L | z loss L | dropped L | received L*E | demand L*E | micro steps]
+        self._sums = torch.zeros(len(LOSSES) + 3 * self.L + 2 * self.L * self.E + 1, device=device)
 
     def add(self, out) -> None:
         """One micro step's MoeCausalLMOutputWithPast."""
         with torch.no_grad():
             self._sums += torch.cat([
                 torch.stack([getattr(out, name) for name in LOSSES]).float(),
+                out.layer_aux_loss.float(),
+                out.layer_z_loss.float(),
                 out.dropped_fraction.float(),
                 out.tokens_per_expert.float().flatten(),
                 out.router_demand.float().flatten(),
@@ -62,11 +66,13 @@ class WindowMetrics:
         self._sums.zero_()
         L, E, world = self.L, self.E, dist.get_world_size()
         micro_steps_all_ranks = sums[-1].item()
-        losses, dropped_L, received, demand = sums[:-1].split([len(LOSSES), L, L * E, L * E])
+        losses, aux_L, z_L, dropped_L, received, demand = sums[:-1].split([len(LOSSES), L, L, L, L * E, L * E])
         losses = losses / micro_steps_all_ranks
         return WindowTotals(
             micro_steps=round(micro_steps_all_ranks / world),
             losses={name: value for name, value in zip(LOSSES, losses.tolist())},
+            layer_aux_loss_L=aux_L / micro_steps_all_ranks,
+            layer_z_loss_L=z_L / micro_steps_all_ranks,
             received_LE=received.view(L, E),
             demand_LE=demand.view(L, E),
             dropped_L=dropped_L / micro_steps_all_ranks,

@@ -10,6 +10,9 @@ Each report writes run_dir/routing/expert_load_step_N.png (received | demand hea
 a .json with the numbers, hands the PNG to the metrics sink (W&B shows it), and logs a warning for each collapsed
 layer.
 
+Layers are named by their decoder layer index (MoeConfig.moe_layer_indices: with first_k_dense_replace=1 the first
+MoE layer is layer 1), in metric names, heatmaps, reports and warnings alike.
+
 Shape legend: L MoE layers, E experts, T tokens, k experts per token.
 """
 
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .metrics import MetricsSink
+from .metrics import MetricsSink, WindowTotals
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +37,38 @@ def shares(counts_LE: torch.Tensor) -> torch.Tensor:
     return counts_LE / counts_LE.sum(dim=1, keepdim=True).clamp(min=1)
 
 
-def routing_metrics(received_LE: torch.Tensor, demand_LE: torch.Tensor, dropped_L: torch.Tensor) -> dict[str, float]:
-    """The routing/layer_i/* scalars of one log window: each expert's share of the received routes, the busiest
-    expert's load and demand against the fair share (1.0 = balanced), the dropped share."""
+def imbalance(counts_LE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, the busiest expert's count over the mean count (1.0 = balanced, E = all on one expert) and the
+    coefficient of variation: the standard deviation of the counts over experts (population) over their mean."""
+    mean_L = counts_LE.mean(dim=1).clamp(min=torch.finfo(counts_LE.dtype).tiny)
+    return counts_LE.max(dim=1).values / mean_L, counts_LE.std(dim=1, correction=0) / mean_L
+
+
+def routing_metrics(totals: WindowTotals, layer_ids: list[int], expert_bias_LE: torch.Tensor | None = None
+                    ) -> dict[str, float]:
+    """The routing/layer_i/* scalars of one log window, i the decoder layer index (`layer_ids`, one per MoE layer):
+    each expert's share of the received routes, the load imbalance of the received routes (max_load, load_cv) and
+    of the router's demand (max_demand, demand_cv), the dropped share, the layer's balancing loss and z-loss, and,
+    with the expert bias, its value per expert (at log time) and its min and max."""
     metrics = {}
-    received_share, demand_share = shares(received_LE), shares(demand_LE)
-    E = received_LE.shape[1]
-    for layer, (row, demand_row, dropped) in enumerate(zip(received_share.tolist(), demand_share.tolist(),
-                                                          dropped_L.tolist())):
-        metrics[f"routing/layer_{layer}/dropped_fraction"] = dropped
-        metrics[f"routing/layer_{layer}/max_load"] = max(row) * E
-        metrics[f"routing/layer_{layer}/max_demand"] = max(demand_row) * E
-        for expert, value in enumerate(row):
-            metrics[f"routing/layer_{layer}/expert_{expert}"] = value
+    received_share = shares(totals.received_LE)
+    max_load_L, load_cv_L = imbalance(totals.received_LE)
+    max_demand_L, demand_cv_L = imbalance(totals.demand_LE)
+    per_layer = {"dropped_fraction": totals.dropped_L, "max_load": max_load_L, "load_cv": load_cv_L,
+                 "max_demand": max_demand_L, "demand_cv": demand_cv_L, "aux_loss": totals.layer_aux_loss_L,
+                 "z_loss": totals.layer_z_loss_L}
+    per_layer = {name: values_L.tolist() for name, values_L in per_layer.items()}
+    for index, layer in enumerate(layer_ids):
+        prefix = f"routing/layer_{layer}"
+        for name, values in per_layer.items():
+            metrics[f"{prefix}/{name}"] = values[index]
+        for expert, value in enumerate(received_share[index].tolist()):
+            metrics[f"{prefix}/expert_{expert}"] = value
+        if expert_bias_LE is not None:
+            bias = expert_bias_LE[index].tolist()
+            metrics[f"{prefix}/expert_bias_min"], metrics[f"{prefix}/expert_bias_max"] = min(bias), max(bias)
+            for expert, value in enumerate(bias):
+                metrics[f"{prefix}/expert_bias_{expert}"] = value
     return metrics
 
 
@@ -61,7 +83,7 @@ def collapse_warnings(demand_share_LE: list[list[float]], top_k: int, layer_ids:
         E = len(row)
         expert = max(range(E), key=row.__getitem__)
         if row[expert] > collapse_threshold(E, top_k):
-            messages.append(f"routing collapse in MoE layer {layer}: the router sends {row[expert]:.0%} of its "
+            messages.append(f"routing collapse in layer {layer}: the router sends {row[expert]:.0%} of its "
                             f"routes to expert {expert} ({row[expert] * E:.1f}x the fair share 1/{E}); raise "
                             "model.router_aux_loss_coef or lower the learning rate")
     return messages
@@ -70,7 +92,7 @@ def collapse_warnings(demand_share_LE: list[list[float]], top_k: int, layer_ids:
 @dataclass
 class RoutingSnapshot:
     step: int
-    layers: list[int]  # MoE layer numbers, as in the routing/layer_i/* metrics
+    layers: list[int]  # decoder layer indices of the MoE layers, as in the routing/layer_i/* metrics
     received_share: list[list[float]]  # [L][E]
     demand_share: list[list[float]]  # [L][E]
     dropped_fraction: list[float]  # [L]
@@ -87,7 +109,7 @@ def render_heatmap(snapshot: RoutingSnapshot, path: Path) -> Path:
     L, E = len(snapshot.layers), len(snapshot.received_share[0])
     vmax = max(max(max(r) for r in snapshot.received_share), max(max(r) for r in snapshot.demand_share))
     fig, axes = plt.subplots(1, 2, figsize=(4 + 0.3 * E * 2, 2 + 0.35 * L), sharey=True, squeeze=False)
-    labels = [f"MoE layer {layer} (dropped {d:.1%})" for layer, d in zip(snapshot.layers, snapshot.dropped_fraction)]
+    labels = [f"layer {layer} (dropped {d:.1%})" for layer, d in zip(snapshot.layers, snapshot.dropped_fraction)]
     for ax, data, title in ((axes[0, 0], snapshot.received_share, "received (after capacity)"),
                             (axes[0, 1], snapshot.demand_share, "router demand (top-k, before capacity)")):
         image = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
@@ -108,7 +130,8 @@ def render_heatmap(snapshot: RoutingSnapshot, path: Path) -> Path:
 
 
 class RoutingReport:
-    """Rank 0's periodic expert-load report: `observe` every log window, `write` when `due`."""
+    """Rank 0's periodic expert-load report: `observe` every log window, `write` when `due`. `layer_ids`: the
+    decoder layer index of each MoE layer (MoeConfig.moe_layer_indices)."""
 
     def __init__(self, out_dir: Path, interval: int | None, top_k: int, layer_ids: list[int]) -> None:
         self.out_dir = out_dir
@@ -159,5 +182,5 @@ class RoutingReport:
             return None
 
 
-__all__ = ["COLLAPSE_FACTOR", "RoutingReport", "RoutingSnapshot", "collapse_warnings", "render_heatmap",
-           "routing_metrics", "shares"]
+__all__ = ["COLLAPSE_FACTOR", "RoutingReport", "RoutingSnapshot", "collapse_warnings", "imbalance",
+           "render_heatmap", "routing_metrics", "shares"]

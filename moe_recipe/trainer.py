@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -19,7 +20,7 @@ from moe_model import MoeConfig
 from .checkpoint import load_checkpoint, resolve_resume_dir, save_checkpoint
 from .config import RecipeConfig, global_batch_size
 from .data import TrainingData
-from .engine import flops_per_token
+from .engine import flops_per_token, update_expert_bias
 from .metrics import MetricsSink, WindowMetrics
 from .plan.hardware import guess_peak_flops
 from .routing_report import RoutingReport, routing_metrics
@@ -67,10 +68,11 @@ class Trainer:
         self.peak_flops = self.t.peak_flops_per_device or guess_peak_flops()
         self.preemption = PreemptionSignal()
         self.preempted = False
-        num_moe_layers = len(model_config.moe_layer_indices)
-        self.window = WindowMetrics(num_moe_layers, model_config.num_experts, self.device)
+        self.uses_expert_bias = model_config.uses_expert_bias
+        self.moe_layer_ids = model_config.moe_layer_indices  # metrics name MoE layers by their decoder index
+        self.window = WindowMetrics(len(self.moe_layer_ids), model_config.num_experts, self.device)
         self.routing = RoutingReport(run_dir / "routing", self.t.heatmap_interval, model_config.num_experts_per_tok,
-                                     list(range(num_moe_layers)))
+                                     self.moe_layer_ids)
 
     def fit(self) -> None:
         resume_dir = resolve_resume_dir(self.t.resume, self.checkpoint_dir)
@@ -119,6 +121,7 @@ class Trainer:
 
     def train_step(self, step: int) -> None:
         self.step_lr = self.engine.get_lr()[0]  # what this step trains with; the scheduler moves on after it
+        step_load_LE = 0  # the router's choices per MoE layer and expert over the step's micro batches
         for micro_step in range(self.t.grad_accum):
             input_ids = self.data.train_micro_batch(
                 step=step, micro_step=micro_step, rank=self.rank, world_size=self.world_size,
@@ -128,6 +131,9 @@ class Trainer:
             self.engine.backward(out.loss)
             self.engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
             self.window.add(out)
+            step_load_LE = step_load_LE + out.router_demand
+        if self.uses_expert_bias:  # one all_reduce: every rank moves the bias by the load of the global batch
+            update_expert_bias(self.engine.module, step_load_LE)
 
     def log_window(self, step: int, steps: int, seconds: float) -> dict[str, float]:
         """Collective: reduce the window's sums in one all_reduce, log them, and on rank 0 the heatmap when due."""
@@ -145,7 +151,8 @@ class Trainer:
             metrics["train/grad_norm"] = float(grad_norm)
         if self.peak_flops:
             metrics["perf/mfu"] = achieved_flops / self.peak_flops
-        metrics.update(routing_metrics(totals.received_LE, totals.demand_LE, totals.dropped_L))
+        # The bias is the same on every rank (each applies the same update): a snapshot, not a window sum.
+        metrics.update(routing_metrics(totals, self.moe_layer_ids, self.engine.module.expert_bias()))
         if len(self.data.names) > 1:  # the realised mixture
             for name, count in zip(self.data.names, self.mixture_counts.tolist()):
                 metrics[f"data/{name}_fraction"] = count / int(self.mixture_counts.sum())
@@ -158,19 +165,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean next-token loss over each store's validation blocks, every rank on its own shard (same count per
-        rank); eval/<name>/loss per store of a mixture."""
+        """Mean next-token loss over each store's eval rows (the first trainer.eval_batches x micro_batch_size
+        blocks of its val split: the same rows at any world size and layout), eval/<name>/loss per store of a
+        mixture. Eval never drops tokens, so a row's loss does not depend on its batch mates."""
         self.engine.eval()
-        totals = torch.zeros(len(self.data.names), 2, device=self.device)  # per store: loss x targets, targets
+        totals = torch.zeros(len(self.data.names), 2, dtype=torch.float64, device=self.device)  # loss sum, targets
         for component in range(len(self.data.names)):
-            for input_ids in self.data.eval_micro_batches(component, rank=self.rank, world_size=self.world_size,
-                                                          micro_batch_size=self.t.micro_batch_size,
-                                                          max_batches=self.t.eval_batches):
-                input_ids = input_ids.to(self.device)
-                out = self.engine(input_ids=input_ids, labels=input_ids)
-                targets = input_ids[:, 1:].numel()
-                totals[component] += torch.stack([out.lm_loss.float() * targets,
-                                                  torch.tensor(float(targets), device=self.device)])
+            for input_ids_BS, num_rows in self.data.eval_micro_batches(
+                    component, rank=self.rank, world_size=self.world_size, micro_batch_size=self.t.micro_batch_size,
+                    max_batches=self.t.eval_batches):
+                input_ids_BS = input_ids_BS.to(self.device)
+                logits_BSV = self.engine(input_ids=input_ids_BS).logits
+                # Summed here, over the eval rows only: the rows after them are padding that keeps this rank in step
+                # with the others' all-to-alls, and a mean per batch would weigh short batches wrongly.
+                loss_sum = F.cross_entropy(logits_BSV[:num_rows, :-1].flatten(0, 1).float(),
+                                           input_ids_BS[:num_rows, 1:].flatten(), reduction="sum")
+                totals[component, 0] += loss_sum.double()
+                totals[component, 1] += num_rows * (input_ids_BS.shape[1] - 1)
         dist.all_reduce(totals)
         self.engine.train()
         loss = (totals[:, 0].sum() / totals[:, 1].sum()).item()

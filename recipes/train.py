@@ -74,8 +74,7 @@ def preflight(hydra_cfg: DictConfig) -> tuple[Recipe, TrainingData]:
     check_output_folder(Path(t.run_dir), "trainer.run_dir")
     check_resume(t.resume, Path(t.run_dir) / "checkpoints", recipe.model)
     data = open_training_data(recipe.config.data, recipe.tokenizer,
-                              global_batch_size=global_batch_size(t, recipe.world_size),
-                              eval_batch_size=t.micro_batch_size * recipe.world_size)
+                              global_batch_size=global_batch_size(t, recipe.world_size))
     return recipe, data
 
 

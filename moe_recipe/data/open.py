@@ -21,8 +21,7 @@ def store_components(cfg: DataConfig) -> list[tuple[str, str, Path, float]]:
     return [("main", "data.store", None, 1.0)]
 
 
-def open_training_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, *, global_batch_size: int,
-                       eval_batch_size: int) -> TrainingData:
+def open_training_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, *, global_batch_size: int) -> TrainingData:
     """Open (and, for the default store of a source, build on first use) the stores; every check that can fail
     raises a ValueError naming the file or setting, before any process group exists."""
     cfg.validate()
@@ -36,7 +35,7 @@ def open_training_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, *, g
         check_tokenizer(store, setting, fingerprint, len(tokenizer), cfg.tokenizer)
         components.append(Component(name, store, weight))
     data = TrainingData(components, cfg.seq_len, cfg.seed)
-    data.check_sizes(global_batch_size, eval_batch_size, "data.mixture" if cfg.mixture else "data.store")
+    data.check_sizes(global_batch_size, "data.mixture" if cfg.mixture else "data.store")
     return data
 
 

@@ -145,30 +145,46 @@ class TrainingData:
         return np.bincount(self.slot_component[slots], minlength=len(self.components))
 
     def eval_micro_batches(self, component: int, *, rank: int, world_size: int, micro_batch_size: int,
-                           max_batches: int) -> Iterator[torch.LongTensor]:
-        """This rank's [micro_batch_size, seq_len] eval batches of one component's val split: the same count on
-        every rank, disjoint rows, in store order."""
+                           max_batches: int) -> Iterator[tuple[torch.LongTensor, int]]:
+        """This rank's eval batches of one component's val split: ([micro_batch_size, seq_len] rows, how many of
+        them are eval rows). The eval rows are the split's first min(max_batches x micro_batch_size, its blocks)
+        blocks, whatever the world size, split by `eval_row_ranges`; the rows after them are zero padding, so that
+        every rank runs the same number of forward passes of the same shape (the MoE layers' all-to-alls are
+        collective). The caller leaves the padding rows out of the loss."""
         val = self.components[component].store.val
-        rows_per_batch = micro_batch_size * world_size
-        for b in range(min(val.num_blocks(self.seq_len) // rows_per_batch, max_batches)):
-            first = b * rows_per_batch + rank * micro_batch_size
-            yield torch.from_numpy(val.blocks(np.arange(first, first + micro_batch_size), self.seq_len))
+        num_rows = min(max_batches * micro_batch_size, val.num_blocks(self.seq_len))
+        for start, stop in eval_row_ranges(num_rows, rank=rank, world_size=world_size,
+                                           micro_batch_size=micro_batch_size):
+            rows_BS = np.zeros((micro_batch_size, self.seq_len), dtype=np.int64)
+            rows_BS[:stop - start] = val.blocks(np.arange(start, stop), self.seq_len)
+            yield torch.from_numpy(rows_BS), stop - start
 
-    def check_sizes(self, global_batch_size: int, eval_batch_size: int, setting: str) -> None:
-        """Each store holds one global batch of training blocks and one eval batch of validation blocks."""
+    def check_sizes(self, global_batch_size: int, setting: str) -> None:
+        """Each store holds one global batch of training blocks and at least one validation block."""
         for i, c in enumerate(self.components):
             where = f"{setting}[{i}]" if len(self.components) > 1 else setting
             for split, needed, what in (("train", global_batch_size, "one global batch (micro_batch_size x "
                                          "grad_accum x world size)"),
-                                        ("val", eval_batch_size, "one eval batch (micro_batch_size x world size)")):
+                                        ("val", 1, "one block for evaluation")):
                 num_blocks = getattr(c.store, split).num_blocks(self.seq_len)
                 if num_blocks < needed:
                     raise ValueError(
                         f"{where}: the {split} split of the token store {c.store.path} has "
                         f"{getattr(c.store, split).num_tokens} tokens = {num_blocks} blocks of data.seq_len="
                         f"{self.seq_len}, fewer than {what} = {needed}; use a larger corpus, lower data.seq_len or "
-                        f"the batch size{', or raise data.val_fraction' if split == 'val' else ''}."
+                        f"{'raise data.val_fraction' if split == 'val' else 'the batch size'}."
                     )
 
 
-__all__ = ["MIXTURE_PERIOD", "Component", "TrainingData", "epoch_seed", "mixture_schedule", "permute"]
+def eval_row_ranges(num_rows: int, *, rank: int, world_size: int, micro_batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of `rank`'s eval rows in each of its eval batches: the rows [0, num_rows) in contiguous shares
+    of ceil(num_rows / world_size), cut into batches of at most micro_batch_size. Every rank gets the same number of
+    batches; a rank past the end of the rows gets short or empty ones (start == stop)."""
+    rows_per_rank = -(-num_rows // world_size)
+    first, end = min(rank * rows_per_rank, num_rows), min((rank + 1) * rows_per_rank, num_rows)
+    starts = range(first, first + rows_per_rank, micro_batch_size)
+    return [(min(start, end), min(start + micro_batch_size, end)) for start in starts]
+
+
+__all__ = ["MIXTURE_PERIOD", "Component", "TrainingData", "epoch_seed", "eval_row_ranges", "mixture_schedule",
+           "permute"]

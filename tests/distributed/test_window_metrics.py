@@ -23,6 +23,7 @@ def micro_output(rank: int, micro_step: int) -> SimpleNamespace:
         dropped_fraction=torch.tensor([value / 100, 0.0]),
         tokens_per_expert=torch.arange(L * E, dtype=torch.float32).view(L, E) + value,
         router_demand=torch.full((L, E), value),
+        layer_aux_loss=torch.tensor([value, 2 * value]), layer_z_loss=torch.tensor([1.0, value / 4]),
     )
 
 
@@ -59,5 +60,8 @@ def test_one_all_reduce_for_every_metric(tmp_path: Path):
             "loss": sum(o.loss.item() for o in outputs) / n, "lm_loss": sum(o.lm_loss.item() for o in outputs) / n,
             "aux_loss": 1.0, "z_loss": 0.0})
         torch.testing.assert_close(totals.dropped_L, sum(o.dropped_fraction for o in outputs) / n)
+        # values 0, 1, 2 (rank 0) and 10, 11, 12 (rank 1): mean 6
+        torch.testing.assert_close(totals.layer_aux_loss_L, torch.tensor([6.0, 12.0]))
+        torch.testing.assert_close(totals.layer_z_loss_L, torch.tensor([1.0, 1.5]))
         torch.testing.assert_close(totals.received_LE, sum(o.tokens_per_expert for o in outputs))
         torch.testing.assert_close(totals.demand_LE, sum(o.router_demand for o in outputs))

@@ -48,11 +48,11 @@ def test_kill_during_preparation_leaves_no_store_and_a_rerun_completes(tmp_path)
     assert not store.exists() and any(tmp_path.glob(".store.tmp-*"))
     cfg = DataConfig(source="files", path="json", data_files=[str(corpus)], store=str(store))
     with pytest.raises(ValueError, match=f"data.store: the token store {store} does not exist"):
-        open_training_data(cfg, load_tokenizer(cfg), global_batch_size=1, eval_batch_size=1)
+        open_training_data(cfg, load_tokenizer(cfg), global_batch_size=1)
 
     run_command([PREPARE, "--num-proc", "2", *args], env=env)  # no --overwrite needed: nothing was there
     assert not any(tmp_path.glob(".store.tmp-*"))  # the killed build's folder is cleaned up
-    data = open_training_data(cfg, load_tokenizer(cfg), global_batch_size=8, eval_batch_size=8)
+    data = open_training_data(cfg, load_tokenizer(cfg), global_batch_size=8)
     assert data.components[0].store.train.num_documents + data.components[0].store.val.num_documents == 40_000
     # A store is never replaced without --overwrite.
     manifest = (store / "manifest.json").read_bytes()

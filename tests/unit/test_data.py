@@ -159,8 +159,8 @@ def test_split_documents_is_seeded_and_keeps_one_document_each():
 
 def test_too_little_val_data_raises(tmp_path, corpus_file, tiny_tokenizer_dir):
     cfg = files_config(corpus_file, tiny_tokenizer_dir, tmp_path, seq_len=64)
-    with pytest.raises(ValueError, match="fewer than one eval batch.*raise data.val_fraction"):
-        open_training_data(cfg, load_tokenizer(cfg), global_batch_size=2, eval_batch_size=2)
+    with pytest.raises(ValueError, match="fewer than one block for evaluation.*raise data.val_fraction"):
+        open_training_data(cfg, load_tokenizer(cfg), global_batch_size=2)
 
 
 def test_text_files_give_one_document_per_line(tmp_path, tiny_tokenizer_dir):

@@ -6,25 +6,60 @@ import json
 import pytest
 import torch
 
+from moe_recipe.metrics import WindowTotals
 from moe_recipe.routing_report import (
     RoutingReport,
     collapse_threshold,
     collapse_warnings,
+    imbalance,
     routing_metrics,
     shares,
 )
 
 
+def window(received, demand, dropped, aux=(0.0, 0.0), z=(0.0, 0.0)) -> WindowTotals:
+    return WindowTotals(micro_steps=1, losses={}, layer_aux_loss_L=torch.tensor(aux), layer_z_loss_L=torch.tensor(z),
+                        received_LE=received, demand_LE=demand, dropped_L=dropped)
+
+
 def test_routing_metrics_of_a_window():
     received = torch.tensor([[30.0, 10, 10, 10], [15, 15, 15, 15]])
     demand = torch.tensor([[50.0, 4, 3, 3], [15, 15, 15, 15]])
-    metrics = routing_metrics(received, demand, torch.tensor([0.25, 0.0]))
+    totals = window(received, demand, torch.tensor([0.25, 0.0]), aux=(1.5, 1.25), z=(0.5, 0.75))
+    metrics = routing_metrics(totals, layer_ids=[0, 1])
     assert [metrics[f"routing/layer_0/expert_{e}"] for e in range(4)] == pytest.approx([0.5, 1 / 6, 1 / 6, 1 / 6])
-    assert metrics["routing/layer_0/max_load"] == pytest.approx(2.0)  # 0.5 of the routes, fair share 0.25
-    assert metrics["routing/layer_0/max_demand"] == pytest.approx(50 / 60 * 4)
+    assert metrics["routing/layer_0/max_load"] == pytest.approx(2.0)  # 30 routes of a mean 15: twice the fair share
+    assert metrics["routing/layer_0/max_demand"] == pytest.approx(50 / 15)
+    # received: deviations from the mean 15 are (15, -5, -5, -5): std sqrt(300 / 4) = 8.66, cv 8.66 / 15
+    assert metrics["routing/layer_0/load_cv"] == pytest.approx(75**0.5 / 15)
+    # demand: mean 15, deviations (35, -11, -12, -12): std sqrt((1225 + 121 + 144 + 144) / 4)
+    assert metrics["routing/layer_0/demand_cv"] == pytest.approx((1634 / 4) ** 0.5 / 15)
     assert metrics["routing/layer_0/dropped_fraction"] == 0.25
+    assert (metrics["routing/layer_0/aux_loss"], metrics["routing/layer_1/aux_loss"]) == (1.5, 1.25)
+    assert (metrics["routing/layer_0/z_loss"], metrics["routing/layer_1/z_loss"]) == (0.5, 0.75)
     assert metrics["routing/layer_1/max_load"] == metrics["routing/layer_1/max_demand"] == pytest.approx(1.0)
+    assert metrics["routing/layer_1/load_cv"] == metrics["routing/layer_1/demand_cv"] == 0.0
+    assert not any("expert_bias" in name for name in metrics)  # no bias given
     torch.testing.assert_close(shares(demand).sum(dim=1), torch.ones(2))
+
+
+def test_routing_metrics_use_decoder_layer_indices_and_show_the_expert_bias():
+    """With first_k_dense_replace=1 and 3 layers the MoE layers are decoder layers 1 and 2, not 0 and 1."""
+    received = torch.tensor([[4.0, 0], [1, 3]])
+    bias = torch.tensor([[0.25, -0.25], [-0.5, 0.125]])
+    metrics = routing_metrics(window(received, received, torch.zeros(2)), layer_ids=[1, 2], expert_bias_LE=bias)
+    assert not any(name.startswith("routing/layer_0/") for name in metrics)
+    assert metrics["routing/layer_1/expert_0"] == 1.0 and metrics["routing/layer_2/expert_1"] == 0.75
+    assert metrics["routing/layer_1/max_load"] == 2.0 and metrics["routing/layer_1/load_cv"] == 1.0  # std 2, mean 2
+    assert metrics["routing/layer_2/max_demand"] == 1.5 and metrics["routing/layer_2/demand_cv"] == 0.5
+    assert [metrics[f"routing/layer_2/expert_bias_{e}"] for e in range(2)] == [-0.5, 0.125]
+    assert (metrics["routing/layer_2/expert_bias_min"], metrics["routing/layer_2/expert_bias_max"]) == (-0.5, 0.125)
+    assert (metrics["routing/layer_1/expert_bias_min"], metrics["routing/layer_1/expert_bias_max"]) == (-0.25, 0.25)
+
+
+def test_imbalance_of_an_empty_layer_is_zero():
+    max_over_mean, cv = imbalance(torch.zeros(1, 4))
+    assert max_over_mean.item() == 0.0 and cv.item() == 0.0
 
 
 @pytest.mark.parametrize("experts, k, threshold", [(8, 2, 0.3125), (64, 8, 3 / 64), (4, 2, 0.375), (16, 1, 3 / 16)])
@@ -37,12 +72,12 @@ def test_collapse_warning_names_the_layer_and_expert():
     balanced = [0.125] * 8
     collapsed = [0.45, 0.05, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05]
     assert collapse_warnings([balanced, balanced], top_k=2, layer_ids=[0, 1]) == []
-    (message,) = collapse_warnings([balanced, collapsed], top_k=2, layer_ids=[0, 1])
-    assert "MoE layer 1" in message and "expert 0" in message and "45%" in message and "3.6x" in message
+    (message,) = collapse_warnings([balanced, collapsed], top_k=2, layer_ids=[1, 3])  # decoder layers 1 and 3
+    assert "layer 3" in message and "expert 0" in message and "45%" in message and "3.6x" in message
 
 
 def test_report_interval_and_files(tmp_path):
-    report = RoutingReport(tmp_path / "routing", interval=10, top_k=2, layer_ids=[0, 1])
+    report = RoutingReport(tmp_path / "routing", interval=10, top_k=2, layer_ids=[1, 2])  # decoder indices
     assert not report.due(10)  # nothing observed yet
     received = torch.tensor([[30.0, 10, 10, 10], [15, 15, 15, 15]])
     demand = torch.tensor([[50.0, 4, 3, 3], [15, 15, 15, 15]])
@@ -53,7 +88,8 @@ def test_report_interval_and_files(tmp_path):
     snapshot = json.loads((tmp_path / "routing" / "expert_load_step_00000021.json").read_text())
     assert snapshot["received_share"][0] == pytest.approx([0.5, 1 / 6, 1 / 6, 1 / 6])
     assert snapshot["dropped_fraction"] == pytest.approx([0.2, 0.0])
-    assert len(snapshot["warnings"]) == 1 and "MoE layer 0" in snapshot["warnings"][0]
+    assert snapshot["layers"] == [1, 2]
+    assert len(snapshot["warnings"]) == 1 and "in layer 1:" in snapshot["warnings"][0]
     png = (tmp_path / "routing" / "expert_load_step_00000021.png").read_bytes()
     assert png.startswith(b"\x89PNG")
 

@@ -11,7 +11,7 @@ import torch
 
 from moe_recipe.data import (DataConfig, MixtureComponent, TrainingData, load_tokenizer, open_store,
                              open_training_data, permute, store_from_tokens, tokenizer_fingerprint)
-from moe_recipe.data.sampler import MIXTURE_PERIOD, Component, epoch_seed
+from moe_recipe.data.sampler import MIXTURE_PERIOD, Component, epoch_seed, eval_row_ranges
 
 SEQ = 4
 
@@ -105,14 +105,34 @@ def test_out_of_range_positions_are_refused(tmp_path, tokenizer):
         data.train_micro_batch(micro_step=0, rank=2, **kwargs)
 
 
-def test_eval_batches_have_equal_count_and_disjoint_rows_per_rank(tmp_path, tokenizer):
+@pytest.mark.parametrize("num_rows, world_size, micro_batch_size, expected", [
+    (10, 3, 2, [[(0, 2), (2, 4)], [(4, 6), (6, 8)], [(8, 10), (10, 10)]]),  # shares of 4: the last rank runs out
+    (5, 4, 4, [[(0, 2)], [(2, 4)], [(4, 5)], [(5, 5)]]),  # shares of 2, one pass each, the last one empty
+    (6, 1, 4, [[(0, 4), (4, 6)]]),
+    (3, 2, 1, [[(0, 1), (1, 2)], [(2, 3), (3, 3)]]),
+])
+def test_eval_row_ranges(num_rows, world_size, micro_batch_size, expected):
+    ranges = [eval_row_ranges(num_rows, rank=r, world_size=world_size, micro_batch_size=micro_batch_size)
+              for r in range(world_size)]
+    assert ranges == expected
+    rows = [row for per_rank in ranges for start, stop in per_rank for row in range(start, stop)]
+    assert rows == list(range(num_rows))  # every row once, in order, at any world size
+
+
+def test_eval_reads_the_same_rows_at_any_world_size(tmp_path, tokenizer):
     data = training_data({"main": (token_store(tmp_path, tokenizer, 10 * SEQ, seed=1, val_tokens=10 * SEQ), 1.0)})
     val = torch.from_numpy(np.load(tmp_path / "val.npy").astype(np.int64)).view(10, SEQ)
-    per_rank = [list(data.eval_micro_batches(0, rank=r, world_size=3, micro_batch_size=2, max_batches=4))
-                for r in range(3)]
-    assert [len(batches) for batches in per_rank] == [1, 1, 1]  # 10 blocks // 6 per eval batch
-    assert torch.equal(torch.cat([batches[0] for batches in per_rank]), val[:6])
-    assert len(list(data.eval_micro_batches(0, rank=0, world_size=1, micro_batch_size=2, max_batches=2))) == 2
+
+    def eval_rows(world_size: int, max_batches: int) -> torch.Tensor:
+        per_rank = [list(data.eval_micro_batches(0, rank=r, world_size=world_size, micro_batch_size=2,
+                                                 max_batches=max_batches)) for r in range(world_size)]
+        assert len({len(batches) for batches in per_rank}) == 1  # the same number of forward passes on each rank
+        assert all(rows.shape == (2, SEQ) and not rows[real:].any() for b in per_rank for rows, real in b)
+        return torch.cat([rows[:real] for batches in per_rank for rows, real in batches])
+
+    for world_size in (1, 2, 3, 4):
+        assert torch.equal(eval_rows(world_size, max_batches=4), val[:8])  # eval_batches x micro_batch_size rows
+        assert torch.equal(eval_rows(world_size, max_batches=100), val)  # at most the split
 
 
 def test_mixture_proportions_and_reproducibility(tmp_path, tokenizer):
@@ -145,14 +165,17 @@ def test_open_training_data_checks_each_store(tmp_path, tokenizer):
                                            {"name": "web", "store": str(tmp_path / "absent"), "weight": 1.0}])
     with pytest.raises(ValueError, match=r"data.mixture\[1\].store: the token store .*absent does not exist.*"
                                          "moe-prepare-data"):
-        open_training_data(cfg, tokenizer, global_batch_size=4, eval_batch_size=2)
+        open_training_data(cfg, tokenizer, global_batch_size=4)
     cfg = DataConfig(seq_len=SEQ, store=str(code))
-    assert open_training_data(cfg, tokenizer, global_batch_size=40, eval_batch_size=16).num_train_blocks == [40]
+    assert open_training_data(cfg, tokenizer, global_batch_size=40).num_train_blocks == [40]
     with pytest.raises(ValueError, match=r"data.store: the train split .* 40 blocks of data.seq_len=4, fewer than "
                                          "one global batch"):
-        open_training_data(cfg, tokenizer, global_batch_size=41, eval_batch_size=2)
-    with pytest.raises(ValueError, match="fewer than one eval batch"):
-        open_training_data(cfg, tokenizer, global_batch_size=4, eval_batch_size=17)
+        open_training_data(cfg, tokenizer, global_batch_size=41)
+    # Eval takes whatever the val split holds, up to trainer.eval_batches x micro_batch_size blocks, but not nothing.
+    no_val = token_store(tmp_path / "no-val", tokenizer, 40 * SEQ, seed=4, val_tokens=SEQ - 1)
+    with pytest.raises(ValueError, match=r"the val split .* 0 blocks .* fewer than one block for evaluation = 1; .*"
+                                         "raise data.val_fraction"):
+        open_training_data(DataConfig(seq_len=SEQ, store=str(no_val)), tokenizer, global_batch_size=4)
 
 
 def damage(store: Path, how: str) -> None:
@@ -184,8 +207,7 @@ def test_damaged_or_foreign_stores_are_refused_with_the_file_named(tmp_path, tok
     store = token_store(tmp_path / "store", tokenizer, 20 * SEQ, seed=1)
     damage(store, how)
     with pytest.raises(ValueError, match=f"^data.store: .*{message}"):
-        open_training_data(DataConfig(seq_len=SEQ, store=str(store)), tokenizer, global_batch_size=1,
-                           eval_batch_size=1)
+        open_training_data(DataConfig(seq_len=SEQ, store=str(store)), tokenizer, global_batch_size=1)
 
 
 def test_from_tokens_holds_out_the_tail_and_checks_ids(tmp_path, tokenizer):
