@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -126,11 +127,20 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def log_config_warnings_once() -> None:
+    """A setting without effect makes MoeConfig warn (warnings.warn) each time a config is built, on every rank.
+    Through the log instead: rank 0 prints each message once, before training starts; the other ranks, like every
+    other log line, stay silent ("once" keeps a message from coming back when a later config repeats it)."""
+    logging.captureWarnings(True)
+    warnings.filterwarnings("once", message="MoeConfig: ", category=UserWarning)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(hydra_cfg: DictConfig) -> None:
     # Warnings of the checks (a checkpoint passed over) from one rank; setup_logging takes over in train().
     logging.basicConfig(level=logging.WARNING if is_rank_zero() else logging.ERROR, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    log_config_warnings_once()
     # Every check runs before any process group exists: bad input stops all ranks with one message.
     with refuse_bad_input(PREFIX, speak=is_rank_zero()):
         recipe, data = preflight(hydra_cfg)

@@ -25,11 +25,15 @@ def deepspeed_launch(num_procs: int, args: list[str], check: bool = True):
 @pytest.mark.parametrize("zero", ["stage0", "stage1", "stage2_offload"])
 def test_deepspeed_launcher_ep2(tmp_path, zero):
     run_dir = tmp_path / "run"
-    proc = deepspeed_launch(2, overrides(run_dir, "parallel.ep_size=2", f"zero={zero}"))
+    # use_rts acts only with top-1 routing: with the tiny model's top-2 it changes nothing, and the run says so.
+    proc = deepspeed_launch(2, overrides(run_dir, "parallel.ep_size=2", f"zero={zero}", "model.use_rts=true"))
     assert_trained(run_dir, steps=6)
-    # Only rank 0 speaks: each eval and checkpoint line once, not once per rank.
+    # Only rank 0 speaks: each eval and checkpoint line once, not once per rank; the warning once, before training.
+    output = proc.stdout + proc.stderr
     for line in ("step 3: eval loss", "step 6: eval loss", "step 3: checkpoint", "step 6: checkpoint"):
         assert proc.stdout.count(line) == 1, (line, proc.stdout[-3000:])
+    warning = "use_rts (Random Token Selection) acts only in DeepSpeed's top-1 gate"
+    assert output.count(warning) == 1, output[-3000:]
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     assert ds_config["train_batch_size"] == 2 * 1 * 2
     assert ds_config["zero_optimization"]["stage"] == int(zero[5])
