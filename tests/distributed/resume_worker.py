@@ -19,7 +19,7 @@ from moe_recipe.config import (DataConfig, LoggingConfig, ModelConfig, OptimConf
                                RouterConfig, TrainerConfig, ZeroConfig, build_recipe)
 from moe_recipe.data import TrainingData, load_tokenizer, open_store, store_from_tokens, tokenizer_fingerprint
 from moe_recipe.data.sampler import Component
-from moe_recipe.engine import build_model, initialize_engine, update_expert_bias
+from moe_recipe.engine import build_model, initialize_engine
 from moe_recipe.metrics import MetricsSink
 from moe_recipe.trainer import Trainer
 
@@ -36,26 +36,17 @@ MODEL = dict(
 
 
 class BiasTrainer(Trainer):
-    """The Trainer, plus what it does not do yet (helper recipe12 adds it to Trainer.train_step; then drop the
-    update here): after each optimizer step, move the expert bias by the step's global load. It also writes the bias
-    the first step starts from (after a resume: what the checkpoint restored) to `bias_at_start`."""
+    """The Trainer (which moves the expert bias after each optimizer step), writing the bias the first step starts
+    from (after a resume: what the checkpoint restored) to `bias_at_start`."""
 
     def __init__(self, *args, bias_at_start: Path, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.bias_at_start = bias_at_start
-        self.step_load_LE = None
-        self.engine.module.register_forward_hook(self._count_load)
-
-    def _count_load(self, module, args, out) -> None:
-        if module.training:
-            self.step_load_LE = out.router_demand if self.step_load_LE is None else self.step_load_LE + out.router_demand
 
     def train_step(self, step: int) -> None:
         if not self.bias_at_start.exists() and self.rank == 0:
             torch.save(self.engine.module.expert_bias().clone(), self.bias_at_start)
         super().train_step(step)
-        update_expert_bias(self.engine.module, self.step_load_LE)
-        self.step_load_LE = None
 
 
 def model_config(overrides: dict) -> ModelConfig:
