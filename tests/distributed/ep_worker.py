@@ -1,6 +1,12 @@
-"""Train the model a few steps at one expert-parallel layout; save losses, grad norms and all weights by global name.
+"""Train a tiny model at several settings in one torchrun, each through the recipe's config, validation and engine
+wiring; save per step the losses, grad norm, routes per expert and expert bias, and the final weights.
 
-Run under torchrun by test_ep_equivalence.py. The global batch is fixed; each rank takes its slice of it.
+Run under torchrun by the layout tests (conftest.py's `layout_runs`). A run is `backend:balance:zero_stage:ep_size`,
+then optionally a number of steps to stop after (the learning-rate schedule is always that of --steps) and `noclip`
+(no gradient clipping), e.g. `deepspeed:bias:2:2`, `autoep:global:3:1`, `deepspeed:aux:2:1:1`. Every run starts from
+the same seed, so from the same weights (both backends draw their initial weights alike), and trains on the same
+global batches (four, in turn: the loss falls), of which each rank takes its slice. Dropless, fp32: all layouts must
+agree.
 """
 
 import argparse
@@ -9,66 +15,100 @@ import re
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import groups
 
-from moe_model import MoeConfig
-from moe_recipe.engine import build_model, build_param_groups
+from moe_recipe.config import Recipe, build_recipe, compose, typed_config
+from moe_recipe.engine import build_model, expert_parallel_rank, initialize_engine, update_expert_bias
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--ep-size", type=int, required=True)
-parser.add_argument("--zero-stage", type=int, default=2)
-parser.add_argument("--out", required=True)
+parser.add_argument("--runs", nargs="+", required=True, help="backend:balance:zero_stage:ep_size[:steps][:noclip]")
+parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--out", required=True, help="each rank writes <out>.rank<r>.pt")
 args = parser.parse_args()
 
-GLOBAL_BATCH, SEQ, STEPS, VOCAB = 8, 16, 4, 128
+GLOBAL_BATCH, SEQ, VOCAB, BATCHES = 8, 16, 128, 4
+# model.router_aux_loss_coef is large enough for the balancing loss to move the router; the expert bias moves by
+# 0.01 per step, so it changes (and changes routes) every step.
+BALANCE = {
+    "none": ["model.router.balance=none", "model.router_aux_loss_coef=0.0"],
+    "aux": ["model.router.balance=aux", "model.router_aux_loss_coef=0.1"],  # DeepSpeed's per-rank loss
+    "global": ["model.router.balance=global", "model.router_aux_loss_coef=0.1"],
+    "bias": ["model.router.balance=bias", "model.router_aux_loss_coef=0.0", "model.router.bias_update_rate=0.01"],
+}
 
 deepspeed.init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
-torch.manual_seed(0)
-config = MoeConfig(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=48, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, num_experts=4, num_experts_per_tok=2,
-    drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False, num_shared_experts=1,
-    first_k_dense_replace=1,
-    # DeepSpeed's aux loss is computed per rank on local tokens: not layout invariant, so it is left out here.
-    router_aux_loss_coef=0.0, router_z_loss_coef=0.01,
-)
-model = build_model(config, args.ep_size)
-optimizer = torch.optim.AdamW(build_param_groups(model, weight_decay=0.1), lr=1e-2, betas=(0.9, 0.95))
-ds_config = {
-    "train_batch_size": GLOBAL_BATCH,
-    "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-    "gradient_accumulation_steps": 1,
-    "gradient_clipping": 0.05,  # small enough to clip every step: the expert grad norm must be right
-    "zero_optimization": {"stage": args.zero_stage},
-    "zero_allow_untested_optimizer": True,
-    "steps_per_print": 10**9,
-}
-engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-
-data = torch.randint(0, VOCAB, (STEPS, GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
 micro = GLOBAL_BATCH // world
-losses, grad_norms = [], []
-for step in range(STEPS):
-    batch = data[step, rank * micro:(rank + 1) * micro]
-    out = engine(input_ids=batch, labels=batch)
-    engine.backward(out.loss)
-    engine.step()
-    loss = out.loss.detach().clone()
-    dist.all_reduce(loss)
-    losses.append(loss.item() / world)
-    norm = engine.get_global_grad_norm()  # None at ZeRO stage 0: DeepSpeed does not keep it there
-    grad_norms.append(float("nan") if norm is None else float(norm))
+data = torch.randint(0, VOCAB, (BATCHES, GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+data = data[:, rank * micro:(rank + 1) * micro]
 
-# Rename local expert i to its global id so every layout writes the same names.
-ep_rank = groups._get_expert_parallel_rank(f"ep_size_{args.ep_size}")  # DeepSpeed's word, not the model's
-num_local = config.num_experts // args.ep_size
-weights = {}
-for name, param in engine.module.named_parameters():
-    match = re.search(r"deepspeed_experts\.(\d+)\.", name)
-    if match:
-        global_id = ep_rank * num_local + int(match.group(1))
-        name = name.replace(match.group(0), f"deepspeed_experts.{global_id}.")
-    weights[name] = param.detach().float().clone()
-torch.save({"losses": losses, "grad_norms": grad_norms, "weights": weights}, f"{args.out}.rank{rank}.pt")
+
+def recipe(backend: str, balance: str, zero_stage: int, ep_size: int, grad_clip: float) -> Recipe:
+    overrides = [
+        f"model.moe_backend={backend}", f"zero.stage={zero_stage}", f"parallel.ep_size={ep_size}",
+        f"model.vocab_size={VOCAB}", "model.hidden_size=32", "model.intermediate_size=64",
+        "model.moe_intermediate_size=48", "model.num_hidden_layers=3", "model.num_attention_heads=4",
+        "model.num_key_value_heads=2", f"model.max_position_embeddings={SEQ}", "model.num_experts=4",
+        "model.num_experts_per_tok=2", "model.num_shared_experts=1", "model.first_k_dense_replace=1",
+        "model.drop_tokens=false", "model.use_rts=false", "model.top2_2nd_expert_sampling=false",
+        "model.router_z_loss_coef=0.01", *BALANCE[balance],
+        f"data.seq_len={SEQ}", f"trainer.micro_batch_size={micro}", "trainer.grad_accum=1",
+        f"trainer.max_steps={args.steps}", "trainer.precision=fp32", "optim.lr=1e-2", "optim.warmup_steps=1",
+        f"optim.grad_clip={grad_clip}",
+    ]
+    # Random tokens from a 128-token vocabulary: the recipe's tokenizer is not used, so not checked against it.
+    return build_recipe(typed_config(compose(overrides))[0], world)
+
+
+def global_weights(module: torch.nn.Module, ep_size: int) -> dict[str, torch.Tensor]:
+    """The native model's parameters, local expert i renamed to its global id, so every layout writes the same names."""
+    ep_rank, num_local = expert_parallel_rank(rank, ep_size), module.config.num_experts // ep_size
+    weights = {}
+    for name, param in module.named_parameters():
+        match = re.search(r"deepspeed_experts\.(\d+)\.", name)
+        if match:
+            name = name.replace(match.group(0), f"deepspeed_experts.{ep_rank * num_local + int(match.group(1))}.")
+        weights[name] = param.detach().float().clone()
+    return weights
+
+
+def train(backend: str, balance: str, zero_stage: int, ep_size: int, steps: int, grad_clip: float) -> dict:
+    run = recipe(backend, balance, zero_stage, ep_size, grad_clip)
+    torch.manual_seed(0)
+    engine = initialize_engine(build_model(run.model, ep_size), run.config, run.deepspeed, run.total_steps)
+    model = engine.module
+    if backend == "autoep":  # the engine, not the model's own block, must have run the steps
+        assert [type(layer.mlp).__name__ for layer in model.moe_layers()] == ["AutoEPMoELayer"] * 2
+    record = {"losses": [], "grad_norms": [], "router_demand": [], "tokens_per_expert": [], "expert_bias": []}
+    for step in range(steps):
+        batch = data[step % BATCHES]
+        out = engine(input_ids=batch, labels=batch)
+        engine.backward(out.loss)
+        engine.step()
+        if model.config.uses_expert_bias:  # as the trainer does: after the step, from the step's global load
+            update_expert_bias(model, out.router_demand)
+            record["expert_bias"].append(model.expert_bias().clone())
+        losses = torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach()
+        routes = torch.stack([out.router_demand, out.tokens_per_expert]).detach().clone()
+        dist.all_reduce(losses)
+        dist.all_reduce(routes)
+        record["losses"].append((losses / world).tolist())
+        record["router_demand"].append(routes[0])
+        record["tokens_per_expert"].append(routes[1])
+        norm = engine.get_global_grad_norm()  # None at ZeRO stage 0: DeepSpeed does not keep it there
+        record["grad_norms"].append(float("nan") if norm is None else float(norm))
+    for key in ("router_demand", "tokens_per_expert", "expert_bias"):
+        record[key] = torch.stack(record[key]) if record[key] else None
+    # AutoEP's experts are stacked per rank (and partitioned under ZeRO-3): its runs are compared by their losses.
+    record["weights"] = global_weights(model, ep_size) if backend == "deepspeed" else None
+    engine.destroy()
+    return record
+
+
+results = {}
+for spec in args.runs:
+    backend, balance, zero_stage, ep_size, *options = spec.split(":")
+    steps = next((int(option) for option in options if option.isdigit()), args.steps)
+    grad_clip = 0.0 if "noclip" in options else 0.05  # 0.05 clips every step: the expert grad norm must be right
+    results[spec] = train(backend, balance, int(zero_stage), int(ep_size), steps, grad_clip)
+torch.save(results, f"{args.out}.rank{rank}.pt")
 dist.barrier()

@@ -1,46 +1,93 @@
-"""Expert parallelism must not change the maths: EP 1, 2, 4 and EP 2 x DP 2 train to the same losses and weights."""
+"""Expert parallelism must not change the maths: EP 1, 2, 4 and EP 2 x DP 2 train to the same losses, routes, grad
+norms, weights and expert bias over 20 steps with a balancing method on: the global-batch balancing loss, or the
+auxiliary-loss-free expert bias. DeepSpeed's per-rank aux loss is the counter-example. Runs: conftest.py's RUNS."""
 
-from pathlib import Path
+import math
 
 import pytest
 import torch
 
-from tests.helpers import torchrun
-
-WORKER = Path(__file__).with_name("ep_worker.py")
 pytestmark = pytest.mark.distributed
 
-
-def train(tmp_path: Path, world: int, ep_size: int, zero_stage: int) -> dict:
-    out = tmp_path / f"w{world}_ep{ep_size}_z{zero_stage}"
-    torchrun(WORKER, world, ["--ep-size", str(ep_size), "--zero-stage", str(zero_stage), "--out", str(out)])
-    ranks = [torch.load(f"{out}.rank{r}.pt", weights_only=False) for r in range(world)]
-    merged = {}
-    for result in ranks:
-        for name, tensor in result["weights"].items():
-            if name in merged:  # replicas (data parallel) must hold the same values
-                torch.testing.assert_close(tensor, merged[name], rtol=0, atol=0, msg=f"replicas differ: {name}")
-            merged[name] = tensor
-    return {"losses": ranks[0]["losses"], "grad_norms": ranks[0]["grad_norms"], "weights": merged}
+# (world size, run), each compared with the same run at world 1, EP 1, ZeRO 2.
+LAYOUTS = {
+    "global": [(2, "deepspeed:global:2:2"), (4, "deepspeed:global:2:4"), (4, "deepspeed:global:2:2"),
+               (4, "deepspeed:global:1:2")],
+    "bias": [(2, "deepspeed:bias:2:2"), (4, "deepspeed:bias:2:4"), (4, "deepspeed:bias:2:2")],
+}
 
 
-@pytest.mark.parametrize(
-    "zero_stage, layouts",
-    [
-        (2, [(2, 2), (4, 4), (4, 2)]),  # (world size, ep_size); world 4 with ep 2 is EP 2 x DP 2
-        (1, [(4, 2)]),
-        (0, [(4, 2)]),
-    ],
-)
-def test_expert_parallel_layouts_agree(tmp_path, zero_stage, layouts):
-    reference = train(tmp_path, world=1, ep_size=1, zero_stage=zero_stage)
-    for world, ep_size in layouts:
-        other = train(tmp_path, world=world, ep_size=ep_size, zero_stage=zero_stage)
-        layout = f"world {world}, ep {ep_size}, zero {zero_stage}"
-        torch.testing.assert_close(other["losses"], reference["losses"], rtol=1e-5, atol=1e-6, msg=layout)
-        if zero_stage > 0:  # DeepSpeed keeps no global grad norm at stage 0; clipping still acts on the weights
-            assert min(reference["grad_norms"]) > 0.05, "clipping must be active for the comparison to cover it"
-            torch.testing.assert_close(other["grad_norms"], reference["grad_norms"], rtol=1e-5, atol=1e-6, msg=layout)
-        assert other["weights"].keys() == reference["weights"].keys()
-        for name, tensor in reference["weights"].items():
-            torch.testing.assert_close(other["weights"][name], tensor, rtol=1e-4, atol=5e-5, msg=f"{layout}: {name}")
+def assert_same_training(run: dict, reference: dict, layout: str) -> None:
+    """Routes per expert and the expert bias exactly (counts, and sums of +-rate steps decided by counts); losses
+    and grad norms to float tolerance. Measured over 20 steps: loss, lm and balancing loss within 5e-7 relative,
+    z-loss (a square of the router's logsumexp, 0.01 of the loss) within 1.2e-5, grad norms within 1.5e-5."""
+    assert torch.equal(run["router_demand"], reference["router_demand"]), layout
+    assert torch.equal(run["tokens_per_expert"], reference["tokens_per_expert"]), layout
+    if reference["expert_bias"] is not None:
+        assert torch.equal(run["expert_bias"], reference["expert_bias"]), layout
+    losses, reference_losses = torch.tensor(run["losses"]), torch.tensor(reference["losses"])
+    torch.testing.assert_close(losses[:, :3], reference_losses[:, :3], rtol=1e-6, atol=0, msg=layout)
+    torch.testing.assert_close(losses[:, 3], reference_losses[:, 3], rtol=5e-5, atol=0, msg=layout)
+    if not math.isnan(run["grad_norms"][0]):  # DeepSpeed keeps none at ZeRO 0
+        torch.testing.assert_close(run["grad_norms"], reference["grad_norms"], rtol=5e-5, atol=0, msg=layout)
+
+
+def assert_same_weights(run: dict, reference: dict, layout: str) -> None:
+    assert run["weights"].keys() == reference["weights"].keys()
+    for name, tensor in reference["weights"].items():
+        torch.testing.assert_close(run["weights"][name], tensor, rtol=1e-4, atol=5e-5, msg=f"{layout}: {name}")
+
+
+@pytest.mark.parametrize("balance", ["global", "bias"])
+def test_expert_parallel_layouts_agree(layout_runs, balance):
+    reference = layout_runs(1)[f"deepspeed:{balance}:2:1"]
+    losses = torch.tensor(reference["losses"])  # [step, (loss, lm_loss, aux_loss, z_loss)]
+    assert losses[-4:, 0].sum() < losses[:4, 0].sum(), "the runs must train for their agreement to mean anything"
+    assert min(reference["grad_norms"]) > 0.05, "clipping must be active for the comparison to cover it"
+    if balance == "global":
+        assert (losses[:, 2] > 1.0).all(), "the balancing loss must be in the loss (1.0 only when balanced)"
+    else:
+        bias_SLE = reference["expert_bias"]  # after each step; zero before the first
+        moves_SL = (bias_SLE.diff(dim=0, prepend=torch.zeros_like(bias_SLE[:1])) != 0).any(dim=-1)
+        assert moves_SL.all(), "the bias must move every step, in every layer"
+    for world, spec in LAYOUTS[balance]:
+        run, layout = layout_runs(world)[spec], f"world {world}, {spec}"
+        assert_same_training(run, reference, layout)
+        assert_same_weights(run, reference, layout)
+
+
+def test_zero0_expert_parallel_layout_agrees_without_clipping(layout_runs):
+    reference, run = layout_runs(1)["deepspeed:global:2:1:noclip"], layout_runs(4)["deepspeed:global:0:2:noclip"]
+    assert_same_training(run, reference, "world 4, deepspeed:global:0:2:noclip")
+    assert_same_weights(run, reference, "world 4, deepspeed:global:0:2:noclip")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "DeepSpeed 0.19.8 at ZeRO 0 in fp32 clips with runtime.utils.clip_grad_norm_, which averages the ranks' own "
+    "norms (each over its local experts only) over the data-parallel group instead of adding the experts' squared "
+    "norms: the clip factor depends on ep_size. Adam undoes most of a wrong scale, so runs part by ~1e-6 relative "
+    "after 4 steps and route differently after 8; without clipping they are bit-identical (test above)."))
+def test_zero0_expert_parallel_layout_agrees_with_clipping(layout_runs):
+    reference, run = layout_runs(1)["deepspeed:global:2:1"], layout_runs(4)["deepspeed:global:0:2"]
+    assert_same_training(run, reference, "world 4, deepspeed:global:0:2")
+
+
+def test_expert_bias_changes_the_routes(layout_runs):
+    """Without this, layouts that all ignored the bias would agree as well. Step 1 trains alike with and without
+    the bias (it is still zero, and 'bias' has no loss); step 2 routes with the bias that step 1's load set."""
+    runs = layout_runs(1)
+    for backend, zero_stage in (("deepspeed", 2), ("autoep", 0)):
+        with_bias, without = runs[f"{backend}:bias:{zero_stage}:1"], runs[f"{backend}:none:{zero_stage}:1:2"]
+        assert with_bias["losses"][0] == without["losses"][0], backend
+        assert not torch.equal(with_bias["router_demand"][1], without["router_demand"][1]), backend
+        assert with_bias["losses"][1][1] != without["losses"][1][1], backend
+
+
+def test_deepspeed_aux_loss_depends_on_the_layout(layout_runs):
+    """DeepSpeed's aux loss (router_balance 'aux') is computed per rank on its local tokens, so the first step's
+    loss, from the same weights and tokens, differs between EP 1 and EP 2 x DP 2 in the balancing term alone."""
+    one = torch.tensor(layout_runs(1)["deepspeed:aux:2:1:1"]["losses"][0])
+    four = torch.tensor(layout_runs(4)["deepspeed:aux:2:2:1"]["losses"][0])
+    torch.testing.assert_close(four[[1, 3]], one[[1, 3]], rtol=1e-6, atol=0)  # lm loss, z loss
+    assert abs(four[2] - one[2]) > 1e-3, (four[2], one[2])
+    assert abs(four[0] - one[0]) > 1e-4, (four[0], one[0])
