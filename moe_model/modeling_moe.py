@@ -866,8 +866,8 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     def update_expert_bias(self, load_LE: torch.Tensor) -> None:
         """After an optimizer step: move each MoE layer's expert bias towards balance from its load `load_LE`
         ([L, E] routes per expert, counted over the step's whole global batch: every rank then applies the same
-        update). A bias that a bf16/fp16 engine cast with the weights goes back to fp32 first, so that updates of
-        router_bias_update_rate are not rounded away."""
+        update). A bias cast with the weights (`model.to(torch.bfloat16)`; DeepSpeed 0.19.8's bf16 engine keeps
+        fp32 buffers) goes back to fp32 first, so that updates of router_bias_update_rate are not rounded away."""
         for layer, load_E in zip(self.moe_layers(), load_LE):
             owner = layer.expert_bias_owner()
             bias_E = getattr(owner, EXPERT_BIAS)
