@@ -123,6 +123,8 @@ class TrainerConfig:
     precision: str = "auto"  # auto: bf16 where the device supports it, else fp32
     activation_checkpointing: bool = False
     eval_interval: int = 50
+    # eval reads the first eval_batches x micro_batch_size val blocks (all if fewer), split over the ranks: the same
+    # rows at any world size
     eval_batches: int = 4
     checkpoint_interval: int = 100
     log_interval: int = 10
