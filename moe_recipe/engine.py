@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
 from torch import nn
 
 from moe_model import MoeConfig, MoeForCausalLM
@@ -47,7 +48,7 @@ def build_deepspeed_config(cfg: RecipeConfig, model: MoeConfig, world_size: int)
         "train_batch_size": global_batch_size(t, world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": o.grad_clip,
+        "gradient_clipping": 0.0 if recipe_clips_gradients(cfg, precision) else o.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
@@ -66,6 +67,39 @@ def build_deepspeed_config(cfg: RecipeConfig, model: MoeConfig, world_size: int)
             **autoep_layer_settings(model),
         }
     return ds_config
+
+
+def recipe_clips_gradients(cfg: RecipeConfig, precision: str) -> bool:
+    """Whether the recipe clips the gradients itself (`clip_grad_norm`) instead of DeepSpeed: at ZeRO stage 0 in
+    fp32, where DeepSpeed 0.19.8 clips with runtime.utils.clip_grad_norm_, which averages the ranks' norms (each
+    over its own experts only) instead of adding the experts' squared norms, so the clip factor depends on ep_size.
+    The ZeRO optimizers and the bf16 one compute the whole gradient's norm themselves."""
+    return cfg.zero.stage == 0 and precision == "fp32" and cfg.optim.grad_clip > 0
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Collective, at the accumulation boundary after the gradients are reduced (after `engine.backward` of the
+    last micro step, before `engine.step`): scale every gradient by min(1, max_norm / (norm + 1e-6)), DeepSpeed's
+    rule, with the norm of the whole model's gradient: dense gradients (the same on every rank) once, each expert's
+    once (summed over its expert-parallel group, where the experts are split). Returns that norm."""
+    dense_sq = torch.zeros((), device=get_accelerator().current_device_name())
+    expert_sq = {}  # expert-parallel group name -> this rank's experts' squared norm
+    grads = [p for p in model.parameters() if p.grad is not None]
+    for param in grads:
+        square = param.grad.detach().float().norm().square()
+        if is_moe_param(param):
+            expert_sq[param.group_name] = expert_sq.get(param.group_name, 0) + square
+        else:
+            dense_sq += square
+    for group_name, square in sorted(expert_sq.items()):
+        dist.all_reduce(square, group=groups._get_expert_parallel_group(group_name))
+        dense_sq += square
+    norm = dense_sq.sqrt()
+    clip_coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for param in grads:
+        param.grad.mul_(clip_coef.to(param.grad.dtype))
+    return norm.item()
 
 
 def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

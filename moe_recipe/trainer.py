@@ -20,7 +20,7 @@ from moe_model import MoeConfig
 from .checkpoint import load_checkpoint, resolve_resume_dir, save_checkpoint
 from .config import RecipeConfig, global_batch_size
 from .data import TrainingData
-from .engine import flops_per_token, update_expert_bias
+from .engine import clip_grad_norm, flops_per_token, recipe_clips_gradients, resolve_precision, update_expert_bias
 from .metrics import MetricsSink, WindowMetrics
 from .plan.hardware import guess_peak_flops
 from .routing_report import RoutingReport, routing_metrics
@@ -69,6 +69,8 @@ class Trainer:
         self.preemption = PreemptionSignal()
         self.preempted = False
         self.uses_expert_bias = model_config.uses_expert_bias
+        self.clips_gradients = recipe_clips_gradients(cfg, resolve_precision(self.t.precision))
+        self.grad_norm = None  # the last step's, when the recipe clips (DeepSpeed keeps none at ZeRO stage 0)
         self.moe_layer_ids = model_config.moe_layer_indices  # metrics name MoE layers by their decoder index
         self.window = WindowMetrics(len(self.moe_layer_ids), model_config.num_experts, self.device)
         self.routing = RoutingReport(run_dir / "routing", self.t.heatmap_interval, model_config.num_experts_per_tok,
@@ -129,6 +131,8 @@ class Trainer:
             ).to(self.device)
             out = self.engine(input_ids=input_ids, labels=input_ids)
             self.engine.backward(out.loss)
+            if self.clips_gradients and self.engine.is_gradient_accumulation_boundary():
+                self.grad_norm = clip_grad_norm(self.engine.module, self.cfg.optim.grad_clip)
             self.engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
             self.window.add(out)
             step_load_LE = step_load_LE + out.router_demand
@@ -146,7 +150,7 @@ class Trainer:
             "perf/tokens_per_s": tokens_per_s,
             "perf/flops_per_s_per_device": achieved_flops,
         })
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norm if self.clips_gradients else self.engine.get_global_grad_norm()
         if grad_norm is not None:  # DeepSpeed keeps no global norm at ZeRO stage 0
             metrics["train/grad_norm"] = float(grad_norm)
         if self.peak_flops:

@@ -17,7 +17,14 @@ import torch
 import torch.distributed as dist
 
 from moe_recipe.config import Recipe, build_recipe, compose, typed_config
-from moe_recipe.engine import build_model, expert_parallel_rank, initialize_engine, update_expert_bias
+from moe_recipe.engine import (
+    build_model,
+    clip_grad_norm,
+    expert_parallel_rank,
+    initialize_engine,
+    recipe_clips_gradients,
+    update_expert_bias,
+)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--runs", nargs="+", required=True, help="backend:balance:zero_stage:ep_size[:steps][:noclip]")
@@ -79,10 +86,12 @@ def train(backend: str, balance: str, zero_stage: int, ep_size: int, steps: int,
     if backend == "autoep":  # the engine, not the model's own block, must have run the steps
         assert [type(layer.mlp).__name__ for layer in model.moe_layers()] == ["AutoEPMoELayer"] * 2
     record = {"losses": [], "grad_norms": [], "router_demand": [], "tokens_per_expert": [], "expert_bias": []}
+    recipe_clips = recipe_clips_gradients(run.config, "fp32")  # ZeRO 0: as the trainer does, not DeepSpeed
     for step in range(steps):
         batch = data[step % BATCHES]
         out = engine(input_ids=batch, labels=batch)
         engine.backward(out.loss)
+        norm = clip_grad_norm(model, run.config.optim.grad_clip) if recipe_clips else engine.get_global_grad_norm()
         engine.step()
         if model.config.uses_expert_bias:  # as the trainer does: after the step, from the step's global load
             update_expert_bias(model, out.router_demand)
@@ -94,7 +103,7 @@ def train(backend: str, balance: str, zero_stage: int, ep_size: int, steps: int,
         record["losses"].append((losses / world).tolist())
         record["router_demand"].append(routes[0])
         record["tokens_per_expert"].append(routes[1])
-        norm = engine.get_global_grad_norm()  # None at ZeRO stage 0: DeepSpeed does not keep it there
+        norm = norm if recipe_clips else engine.get_global_grad_norm()  # ZeRO 1-3: after the step
         record["grad_norms"].append(float("nan") if norm is None else float(norm))
     for key in ("router_demand", "tokens_per_expert", "expert_bias"):
         record[key] = torch.stack(record[key]) if record[key] else None

@@ -150,6 +150,9 @@ def test_deepspeed_config_is_derived_from_the_recipe():
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 2
+    # ZeRO 0 in fp32: the recipe clips (engine.clip_grad_norm), DeepSpeed's layout-dependent clipping is off.
+    stage0 = load_recipe(["zero=stage0", "trainer.precision=fp32", "optim.grad_clip=0.5"], world_size=8)
+    assert stage0.deepspeed["gradient_clipping"] == 0.0
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "scheduler" not in ds  # the recipe hands DeepSpeed its own (moe_recipe/lr_schedule.py)
     assert recipe.total_steps == 40
