@@ -12,7 +12,8 @@ WORKER = Path(__file__).with_name("ep_worker.py")
 
 # backend:balance:zero_stage:ep_size[:steps][:noclip] (ep_worker.py). World 4 with ep_size 2 is EP 2 x DP 2, world 2
 # with ep_size 1 AutoEP's replicated experts under ZeRO-3. "none" runs two steps: up to the first step that routes
-# with the expert bias. "noclip": ZeRO 0 at EP > 1 clips wrongly (test_ep_equivalence.py), so it is also run without.
+# with the expert bias. "noclip": ZeRO 0 is also run without clipping (the recipe clips there itself,
+# test_ep_equivalence.py).
 RUNS = {
     1: ["deepspeed:global:2:1", "deepspeed:bias:2:1", "deepspeed:global:2:1:noclip", "deepspeed:aux:2:1:1",
         "deepspeed:none:2:1:2", "autoep:global:0:1", "autoep:bias:0:1", "autoep:none:0:1:2"],
@@ -20,7 +21,8 @@ RUNS = {
         "autoep:global:2:2", "autoep:global:3:2", "autoep:global:3:1",
         "autoep:bias:2:2", "autoep:bias:3:2", "autoep:bias:3:1"],
     4: ["deepspeed:global:2:4", "deepspeed:global:2:2", "deepspeed:global:1:2", "deepspeed:global:0:2",
-        "deepspeed:global:0:2:noclip", "deepspeed:bias:2:4", "deepspeed:bias:2:2", "deepspeed:aux:2:2:1"],
+        "deepspeed:global:0:2:noclip", "deepspeed:bias:2:4", "deepspeed:bias:2:2", "deepspeed:aux:2:2:1",
+        "autoep:global:2:4", "autoep:global:2:2", "autoep:bias:2:4", "autoep:bias:2:2"],
 }
 
 
