@@ -38,7 +38,8 @@ def merge_ranks(ranks: list[dict]) -> dict:
                 assert torch.equal(other["expert_bias"], record["expert_bias"]), f"{spec}: rank {rank}'s expert bias"
             for name, tensor in (other["weights"] or {}).items():
                 if name in weights:  # replicas (data parallel) must hold the same values
-                    torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0, msg=f"{spec}: replicas differ: {name}")
+                    torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0,
+                                               msg=f"{spec}: replicas differ: {name}")
                 weights[name] = tensor
         merged[spec] = {**record, "weights": weights or None}
     return merged
