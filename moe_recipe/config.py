@@ -163,9 +163,9 @@ class RecipeConfig:
 
 
 def model_setting_names(message: str) -> str:
-    """MoeConfig's words for its fields -> the recipe's settings (router_balance -> model.router.balance)."""
+    """MoeConfig's words for its fields -> the model section's (router_balance -> router.balance)."""
     for f in fields(RouterConfig):
-        message = re.sub(rf"\brouter_{f.name}\b", f"model.router.{f.name}", message)
+        message = re.sub(rf"\brouter_{f.name}\b", f"router.{f.name}", message)
     return message
 
 

@@ -182,3 +182,13 @@ def test_param_groups_split_experts_and_skip_decay_on_norms():
         is_expert = "deepspeed_experts" in name
         assert group.get("moe", False) is is_expert, name
         assert group["weight_decay"] == (0.0 if param.ndim < 2 else 0.1), name
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.router.balance=foo", r"model: router.balance='foo' must be 'none', one of \['aux', 'global', 'sequence'\]"),
+    ("model.router.n_group=4", "model: router.n_group and router.topk_group go together"),
+    ("model.router.score_func=relu", r"model: router.score_func='relu' must be one of \['softmax', 'sigmoid'\]"),
+])
+def test_router_settings_are_refused_by_their_recipe_names(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe([override], world_size=1)
