@@ -162,7 +162,8 @@ class MoeRoute(NamedTuple):
     experts_Tk: torch.Tensor  # the chosen experts, best first (by biased score)
 
 
-def route_tokens(router_logits_TE: torch.Tensor, config: MoeConfig, expert_bias_E: torch.Tensor | None = None) -> MoeRoute:
+def route_tokens(router_logits_TE: torch.Tensor, config: MoeConfig,
+                 expert_bias_E: torch.Tensor | None = None) -> MoeRoute:
     """The router's decision for each token: the one implementation of `MoeConfig`'s routing (see its docstring).
 
     It is what AutoEP's TokenChoiceTopKRouter computes from the same settings (`autoep_layer_settings`), what
@@ -220,10 +221,10 @@ def global_balancing_loss(probs_TE: torch.Tensor, top_experts_Tk: torch.Tensor,
 
     f_e = routes to e / tokens, both summed in place by `all_reduce` (the model passes `dist.all_reduce`: every rank
     of the default process group, the data- and expert-parallel world; None: this batch alone); P_e is the mean
-    score on this rank. Each rank's loss is then linear in its
-    own tokens' scores with the same f, so the ranks' mean (what data parallelism averages the gradient over) is
-    the loss of the whole batch: the same value and gradient for any layout (Megatron-Core's global aux loss, the
-    Qwen team's global-batch balancing). 1.0 when the routes are balanced.
+    score on this rank. Each rank's loss is then linear in its own tokens' scores with the same f, so the ranks'
+    mean (what data parallelism averages the gradient over) is the loss of the whole batch: the same value and
+    gradient for any layout (Megatron-Core's global aux loss, the Qwen team's global-batch balancing). 1.0 when the
+    routes are balanced.
     """
     T, E = probs_TE.shape
     k = top_experts_Tk.shape[1]
@@ -309,7 +310,8 @@ class MoeRouterRecorder:
             aux_loss=self.balancing_loss(route, training, deepspeed_aux_loss), z_loss=router_z_loss(router_logits_TE),
         )
 
-    def balancing_loss(self, route: MoeRoute, training: bool, deepspeed_aux_loss: torch.Tensor | None) -> torch.Tensor:
+    def balancing_loss(self, route: MoeRoute, training: bool,
+                       deepspeed_aux_loss: torch.Tensor | None) -> torch.Tensor:
         method = self.config.balance_loss
         if method == "aux":
             if deepspeed_aux_loss is not None:

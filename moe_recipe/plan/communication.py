@@ -128,7 +128,8 @@ def token_dispatch(c: MoeConfig, ep_size: int, tokens: int, calls: int, micro_st
     expected = expected_destination_ranks(E, k, G)
     limited = None if n_group is None else expected_destination_ranks(E, k, G, n_group, topk_group)
     return TokenDispatch(
-        num_experts_per_tok=k, n_group=n_group, topk_group=topk_group, expected_ranks=expected, max_ranks=max_destination_ranks(E, k, G),
+        num_experts_per_tok=k, n_group=n_group, topk_group=topk_group, expected_ranks=expected,
+        max_ranks=max_destination_ranks(E, k, G),
         expected_ranks_limited=limited,
         max_ranks_limited=None if n_group is None else max_destination_ranks(E, k, G, n_group, topk_group),
         bytes_per_step=expected * per_rank_reached,

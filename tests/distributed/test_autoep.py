@@ -1,6 +1,7 @@
 """moe_backend=autoep trains like moe_backend=deepspeed: DeepSpeed AutoEP (dropless, grouped GEMM) at EP 1, 2 and 4
-and EP 2 x DP 2, with ZeRO 0, 2 and 3, gives the losses, routes, clipped grad norms and expert bias of the native MoE layer over
-20 steps, with the global balancing loss and with the expert bias, through the recipe's config and engine wiring.
+and EP 2 x DP 2, with ZeRO 0, 2 and 3, gives the losses, routes, clipped grad norms and expert bias of the native MoE
+layer over 20 steps, with the global balancing loss and with the expert bias, through the recipe's config and engine
+wiring.
 Gloo on CPU: AutoEP has CPU paths for everything it does here. Runs: conftest.py's RUNS."""
 
 import pytest
