@@ -84,9 +84,9 @@ def hand_aux_loss(logits_TE: torch.Tensor, k: int) -> torch.Tensor:
         pytest.param(dict(num_experts_per_tok=3, drop_tokens=False), id="top3"),
         pytest.param(dict(num_experts_per_tok=4, num_experts=8, drop_tokens=False), id="top4-of-8"),
         # drop_tokens=True, but capacity ceil(T / E * cf * k) >= T * k: no expert can overflow.
-        pytest.param(dict(num_experts_per_tok=1, capacity_factor=4.0, eval_capacity_factor=4.0), id="top1-big-capacity"),
-        pytest.param(dict(num_experts_per_tok=2, capacity_factor=4.0, eval_capacity_factor=4.0), id="top2-big-capacity"),
-        pytest.param(dict(num_experts_per_tok=3, capacity_factor=4.0, eval_capacity_factor=4.0), id="top3-big-capacity"),
+        pytest.param(dict(num_experts_per_tok=1, capacity_factor=4.0), id="top1-big-capacity"),
+        pytest.param(dict(num_experts_per_tok=2, capacity_factor=4.0), id="top2-big-capacity"),
+        pytest.param(dict(num_experts_per_tok=3, capacity_factor=4.0), id="top3-big-capacity"),
         pytest.param(dict(num_experts_per_tok=2, drop_tokens=False, num_shared_experts=1), id="top2-shared"),
         pytest.param(dict(num_experts_per_tok=2, drop_tokens=False, use_residual=True), id="top2-residual"),
         pytest.param(dict(num_experts_per_tok=1, drop_tokens=False, use_residual=True, num_shared_experts=2),
