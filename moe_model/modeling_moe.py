@@ -476,6 +476,7 @@ class MoeSparseBlock(nn.Module):
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         gate = self.gate
+        x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
         if isinstance(gate, TopKGate):
             # Capacity, the sampled second expert and the kept tokens (RTS) are training devices; DeepSpeed's gate
             # applies them in eval mode too. Inference never drops and is deterministic: a sequence's outputs do
@@ -483,13 +484,12 @@ class MoeSparseBlock(nn.Module):
             gate.drop_tokens = self.training and self.config.drop_tokens
             gate.top2_2nd_expert_sampling = self.training and self.config.top2_2nd_expert_sampling
             gate.use_rts = self.training and self.config.use_rts
-            x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
             # DeepSpeed's top-1 gate asserts T >= min_capacity (a cached decode step of one sequence has T = 1).
             # Below min_capacity every token fits anyway, so capping it changes no routing decision.
             gate.min_capacity = min(self.config.min_capacity, x_TD.shape[0])
         # The same fp32 logits the gate computes (before any jitter); recomputed here for the balancing and z
         # losses because the gate does not return them. T x D x E flops: negligible next to the experts.
-        router_logits_TE = F.linear(hidden_BSD.reshape(-1, hidden_BSD.shape[-1]).float(), self.router_weight.float())
+        router_logits_TE = F.linear(x_TD.float(), self.router_weight.float())
         out_BSD, deepspeed_aux_loss, _ = self.moe(hidden_BSD)
         kept_routes_kT, self._routes_kT = self._routes_kT, None
         self.recorder.record(router_logits_TE, training=self.training, expert_bias_E=self.expert_bias,
