@@ -44,7 +44,8 @@ from deepspeed.module_inject.auto_ep_config import parse_autoep_config
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moe_model import MoeConfig, MoeForCausalLM
-from moe_model.modeling_moe import MoeRouterRecorder, MoeSparseBlock, autoep_layer_settings
+from moe_model.moe_blocks import MoeSparseBlock, autoep_layer_settings
+from moe_model.routing import MoeRouterState
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def build_block(variant: Variant, shape: BenchShape, device: torch.device, dtype
         block = model.model.layers[0].mlp
     elif variant.is_ours:
         config = ours_config(shape, variant.capacity_factor)
-        block = MoeSparseBlock(config, MoeRouterRecorder(config))
+        block = MoeSparseBlock(config, MoeRouterState(config, bias_owner=lambda: None))
     else:
         block = MixtralSparseMoeBlock(hf_config(shape, variant.experts_implementation))
     with torch.no_grad():  # Mixtral's expert tensors are torch.empty until the model's init runs.
@@ -223,9 +224,11 @@ def time_train_steps(variant: Variant, shape: BenchShape, device: torch.device, 
         synchronize(device)
         if step >= shape.warmup:
             step_seconds.append(time.perf_counter() - start)
-            if variant.is_ours:  # kept on the device: reading them here would add a sync to the next step
-                tokens_per_expert_LE.append(out.tokens_per_expert.detach())
-                dropped_fraction_L.append(out.dropped_fraction.detach())
+        if variant.is_ours:  # the routers' sums of this step (read after the timed region: a host sync)
+            routing = model.routing_metrics(reset=True)
+            if step >= shape.warmup:
+                tokens_per_expert_LE.append(routing.received_LE)
+                dropped_fraction_L.append(routing.dropped_L)
         del out
     kernels = profile_train_steps(model, optimizer, batches_BS[-profile_steps:], device) if profile_steps else None
     seconds = statistics.median(step_seconds)
@@ -295,8 +298,8 @@ def time_moe_block(variant: Variant, shape: BenchShape, device: torch.device, dt
         synchronize(device)
         start = time.perf_counter()
         out = block(x_BSD)
-        if isinstance(block, MoeSparseBlock):  # its recorder holds what the experts received
-            tokens_per_expert_E = block.recorder.pop().tokens_per_expert_E.detach()
+        if isinstance(block, MoeSparseBlock):  # its router state holds what the experts received
+            tokens_per_expert_E = block.router_state.pop().received_E
         out.backward(grad_BSD)
         synchronize(device)
         if step >= shape.warmup:

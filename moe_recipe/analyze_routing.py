@@ -67,11 +67,16 @@ def load(path: Path, tokenizer: str | None = None):
 @torch.no_grad()
 def route_tokens(model, input_ids_T: torch.Tensor) -> torch.Tensor:
     """[L, T, k] experts each token's router picks in each MoE layer, best first (by biased score where the model
-    has an expert bias); long texts run in windows."""
+    has an expert bias): the model's routing (`moe_model.routing.route_tokens`) of its router logits; long texts run
+    in windows."""
+    from moe_model.routing import route_tokens as route
+
     window = model.config.max_position_embeddings
     chunks = []
     for start in range(0, input_ids_T.numel(), window):
-        chunks.append(model(input_ids=input_ids_T[None, start:start + window], use_cache=False).top_experts)
+        out = model(input_ids=input_ids_T[None, start:start + window], use_cache=False, output_router_logits=True)
+        chunks.append(torch.stack([route(logits_TE, model.config, router.expert_bias).experts_Tk
+                                   for logits_TE, router in zip(out.router_logits, model.routers())]))
     return torch.cat(chunks, dim=1)
 
 
@@ -82,7 +87,7 @@ def repetition_baselines(num_experts: int, k: int) -> tuple[float, float]:
 
 
 def summarize(experts_LTk: torch.Tensor, tokens: list[str], num_experts: int, top_tokens: int = 5) -> dict:
-    from moe_model.modeling_moe import count_routes
+    from moe_model.routing import count_routes
 
     L, T, k = experts_LTk.shape
     first_LT = experts_LTk[..., 0]

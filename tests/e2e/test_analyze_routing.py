@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_model import MoeForCausalLM
-from moe_model.modeling_moe import route_tokens
+from moe_model.routing import route_tokens
 from moe_recipe import analyze_routing
 from moe_recipe.config import load_recipe
 from moe_recipe.export import export

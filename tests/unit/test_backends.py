@@ -6,7 +6,7 @@ from `autoep_layer_settings`; the recipe puts the backend into the DeepSpeed con
 Multi-process training through the engine (EP 2, ZeRO-2 and ZeRO-3) is tests/distributed/test_autoep.py.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -15,7 +15,9 @@ from deepspeed.module_inject.auto_ep_config import parse_autoep_config
 from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
 from moe_model import MOE_BACKENDS, MoeConfig, MoeForCausalLM
-from moe_model.modeling_moe import MoeAutoEPBlock, MoeSparseBlock, autoep_layer_settings
+from moe_model.modeling_moe import MoeCausalLMOutputWithPast
+from moe_model.moe_blocks import MoeAutoEPBlock, MoeSparseBlock, autoep_layer_settings
+from moe_model.routing import MoeRoutingMetrics, route_tokens
 from moe_recipe.config import load_recipe, validate
 from moe_recipe.export import mixtral_blockers
 from tests.helpers import compose_recipe
@@ -93,23 +95,42 @@ def replace_with_autoep(model: MoeForCausalLM) -> list:
     return specs
 
 
-def forward_backward(model: MoeForCausalLM, input_ids: torch.Tensor):
+@dataclass
+class Observed:
+    """One forward (and backward) of a model: its output and what its routers did."""
+
+    out: MoeCausalLMOutputWithPast
+    top_experts: torch.Tensor  # [L, T, k]: the model's routing of its router logits, with its expert bias
+    routing: MoeRoutingMetrics | None  # the routers' counts of a training forward
+    expert_bias: torch.Tensor | None
+
+
+def forward_backward(model: MoeForCausalLM, input_ids: torch.Tensor) -> Observed:
     model.zero_grad(set_to_none=True)
-    out = model(input_ids, labels=input_ids)
+    out = model(input_ids, labels=input_ids, output_router_logits=True)
     if model.training:
         out.loss.backward()
-    return out
+    top_experts = torch.stack([route_tokens(logits_TE, model.config, router.expert_bias).experts_Tk
+                               for logits_TE, router in zip(out.router_logits, model.routers())])
+    routing = model.routing_metrics(reset=True) if model.training else None
+    return Observed(out, top_experts, routing, model.expert_bias())
 
 
-def assert_same_outputs(out, reference) -> None:
-    """Same losses and logits, and the same routing from each layer's recorder."""
+def assert_same_outputs(observed: Observed, reference: Observed) -> None:
+    """Same losses and logits, and the same routing (the routers' counts too, for a training forward)."""
+    out = observed.out
     for field in ("loss", "lm_loss", "aux_loss", "z_loss", "logits"):
-        torch.testing.assert_close(getattr(out, field), getattr(reference, field), rtol=1e-5, atol=1e-5, msg=field)
-    torch.testing.assert_close(out.router_logits, reference.router_logits, rtol=1e-5, atol=1e-5)
-    for field in ("top_experts", "router_demand", "tokens_per_expert"):
-        assert torch.equal(getattr(out, field), getattr(reference, field)), field
-    assert torch.equal(out.router_demand, out.tokens_per_expert)  # nothing dropped: demand is what was received
-    assert out.dropped_fraction.abs().sum().item() == 0.0
+        torch.testing.assert_close(getattr(out, field), getattr(reference.out, field), rtol=1e-5, atol=1e-5,
+                                   msg=field)
+    torch.testing.assert_close(out.router_logits, reference.out.router_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(observed.top_experts, reference.top_experts)
+    if reference.routing is not None:
+        routing = observed.routing
+        for field in ("demand_LE", "received_LE", "aux_loss_L", "z_loss_L"):
+            torch.testing.assert_close(getattr(routing, field), getattr(reference.routing, field), rtol=1e-5,
+                                       atol=0, msg=field)
+        assert torch.equal(routing.demand_LE, routing.received_LE)  # nothing dropped: demand is what was received
+        assert routing.dropped_L.abs().sum().item() == 0.0
 
 
 def assert_same_tensors(actual: dict, expected: dict, atol: float) -> None:
@@ -141,7 +162,7 @@ def test_autoep_block_matches_native_backend(tiny_model, overrides, training):
     out = forward_backward(autoep, input_ids)
 
     assert_same_outputs(out, reference)
-    assert reference.aux_loss.item() > 0 and reference.dropped_fraction.sum().item() == 0.0
+    assert reference.out.aux_loss.item() > 0
     if native.config.uses_expert_bias:
         torch.testing.assert_close(out.expert_bias, reference.expert_bias, rtol=0, atol=0)
     if training:
@@ -177,7 +198,7 @@ def test_autoep_replacement_computes_what_the_block_computed(tiny_model, overrid
     reference_grads = {name: grad.clone() for name, grad in in_native_names(model, grads=True).items()}
 
     replace_with_autoep(model)
-    out = forward_backward(model, input_ids)  # the router recorder must now follow AutoEP's router.gate
+    out = forward_backward(model, input_ids)  # the router state must now follow AutoEP's router.gate
 
     assert [type(layer.mlp) for layer in model.model.layers[1:]] == [AutoEPMoELayer] * 2
     if model.config.uses_expert_bias:  # AutoEP copied the bias into its router, which now routes with it
@@ -284,9 +305,9 @@ def test_backends_agree_on_cuda(tiny_model, dtype):
     reference = forward_backward(native, input_ids)
     out = forward_backward(autoep, input_ids)
     tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out.lm_loss, reference.lm_loss, **tolerance)
+    torch.testing.assert_close(out.out.lm_loss, reference.out.lm_loss, **tolerance)
 
     replace_with_autoep(autoep)  # AutoEP's GroupedExperts: torch grouped GEMM (Triton below sm90) on CUDA
     replaced = forward_backward(autoep, input_ids)
-    torch.testing.assert_close(replaced.lm_loss, out.lm_loss, **tolerance)
-    assert torch.equal(replaced.tokens_per_expert, out.tokens_per_expert)
+    torch.testing.assert_close(replaced.out.lm_loss, out.out.lm_loss, **tolerance)
+    assert torch.equal(replaced.routing.received_LE, out.routing.received_LE)

@@ -14,14 +14,8 @@ import math
 import pytest
 import torch
 
-from moe_model.modeling_moe import (
-    MoeGate,
-    MoeSparseBlock,
-    global_balancing_loss,
-    route_tokens,
-    sequence_balancing_loss,
-    update_expert_bias,
-)
+from moe_model.moe_blocks import MoeGate, MoeSparseBlock
+from moe_model.routing import expert_bias_delta, global_balancing_loss, route_tokens, sequence_balancing_loss
 
 WIDE_INIT = dict(initializer_range=0.2)  # peaked routers and O(1) expert outputs: tolerances mean something
 
@@ -149,10 +143,10 @@ def test_bias_update_follows_the_sign_rule():
     bias_E = torch.tensor([0.0, 0.1, -0.2, 0.3])
     load_E = torch.tensor([10.0, 2.0, 4.0, 4.0])  # mean 5
 
-    update_expert_bias(bias_E, load_E, rate=0.01)
+    bias_E += expert_bias_delta(load_E, rate=0.01)
 
     torch.testing.assert_close(bias_E, torch.tensor([-0.01, 0.11, -0.19, 0.31]))
-    update_expert_bias(bias_E, torch.full((4,), 5.0), rate=0.01)
+    bias_E += expert_bias_delta(torch.full((4,), 5.0), rate=0.01)
     torch.testing.assert_close(bias_E, torch.tensor([-0.01, 0.11, -0.19, 0.31]))
 
 
@@ -166,29 +160,32 @@ def test_model_adds_the_configured_balancing_loss(tiny_model, balance):
                        first_k_dense_replace=1, router_balance=balance, router_aux_loss_coef=coef,
                        router_z_loss_coef=0.01).train()
     input_ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
-    out = model(input_ids, labels=input_ids)
+    out = model(input_ids, labels=input_ids, output_router_logits=True)
+    layer_aux_loss = model.routing_metrics().aux_loss_L  # one forward: each layer's loss
 
     expected_L = []
-    for logits_TE, experts_Tk in zip(out.router_logits, out.top_experts):
+    for logits_TE, router in zip(out.router_logits, model.routers()):
+        experts_Tk = route_tokens(logits_TE, model.config, router.expert_bias).experts_Tk
         probs_TE = torch.softmax(logits_TE, -1)
         if balance == "global":  # one process: the whole batch is this rank's
             expected_L.append(global_balancing_loss(probs_TE, experts_Tk))
         elif balance.endswith("sequence"):
             expected_L.append(sequence_balancing_loss(probs_TE, experts_Tk, batch_size=2))
         elif balance == "aux":
-            expected_L.append(out.layer_aux_loss[len(expected_L)])  # DeepSpeed's, checked in test_routing.py
+            expected_L.append(layer_aux_loss[len(expected_L)])  # DeepSpeed's, checked in test_routing.py
         else:
             expected_L.append(torch.tensor(0.0))
-    torch.testing.assert_close(out.layer_aux_loss, torch.stack(expected_L))
+    torch.testing.assert_close(layer_aux_loss, torch.stack(expected_L).detach())
+    torch.testing.assert_close(out.aux_loss.detach(), layer_aux_loss.sum())
     torch.testing.assert_close(out.loss, out.lm_loss + coef * out.aux_loss + 0.01 * out.z_loss)
     out.loss.backward()
     router_grads = [layer.mlp.router_weight.grad for layer in model.moe_layers()]
     assert all(grad is not None and grad.abs().sum() > 0 for grad in router_grads)
     if model.config.uses_expert_bias:
-        assert out.expert_bias.shape == (2, 8) and not out.expert_bias.requires_grad
+        assert model.expert_bias().shape == (2, 8) and not model.expert_bias().requires_grad
 
 
-def test_expert_bias_is_a_buffer_updated_only_by_update_expert_bias(tiny_model, tmp_path):
+def test_expert_bias_is_a_buffer_moved_only_by_the_routers_post_step(tiny_model, tmp_path):
     model = tiny_model(num_experts=8, router_balance="bias", router_aux_loss_coef=0.0, router_bias_update_rate=0.5)
     names = [name for name, _ in model.named_buffers() if name.endswith("e_score_correction_bias")]
     assert names == [f"model.layers.{i}.mlp.moe.deepspeed_moe.gate.e_score_correction_bias" for i in (0, 1)]
@@ -196,16 +193,26 @@ def test_expert_bias_is_a_buffer_updated_only_by_update_expert_bias(tiny_model, 
     assert all(isinstance(layer.mlp.moe.deepspeed_moe.gate, MoeGate) for layer in model.moe_layers())
 
     load_LE = torch.tensor([[8.0, 0, 0, 0, 0, 0, 0, 0], [1.0] * 8])
-    model.update_expert_bias(load_LE)
+    for router, load_E in zip(model.routers(), load_LE):
+        router.post_step(load_E)
     expected = torch.stack([torch.tensor([-0.5] + [0.5] * 7), torch.zeros(8)])
     torch.testing.assert_close(model.expert_bias(), expected)
+    input_ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    model.train()(input_ids, labels=input_ids).loss.backward()
+    torch.testing.assert_close(model.expert_bias(), expected)  # the optimizer's backward leaves it alone
+    assert all(router.step_demand().sum() == 2 * 8 * 2 for router in model.routers())
+    model.post_step()  # one process: the step's load is this batch's
+    assert not torch.equal(model.expert_bias(), expected)
+    assert all(router.step_demand().sum() == 0 for router in model.routers())  # the next step counts afresh
+    expected = model.expert_bias()
 
     model.save_pretrained(tmp_path)  # saved with the weights: a reloaded model routes with the same bias
     loaded = type(model).from_pretrained(tmp_path)
     torch.testing.assert_close(loaded.expert_bias(), expected)
 
     model.to(torch.bfloat16)  # as a bf16 engine casts the buffers: the update goes back to fp32 first
-    model.update_expert_bias(torch.ones(2, 8))
+    for router in model.routers():
+        router.post_step(torch.ones(8))
     assert model.expert_bias().dtype == torch.float32
     assert all(layer.mlp.expert_bias.dtype == torch.float32 for layer in model.moe_layers())
 
@@ -226,14 +233,14 @@ def test_eval_logits_of_a_sequence_do_not_depend_on_its_batch(tiny_model, backen
     input_ids = torch.randint(0, model.config.vocab_size, (9, 12), generator=torch.Generator().manual_seed(1))
     if backend == "deepspeed":
         with torch.no_grad():
-            assert model.train()(input_ids).dropped_fraction.max() > 0, "training must drop in this case"
+            model.train()(input_ids)
+            assert model.routing_metrics().dropped_L.max() > 0, "training must drop in this case"
     model.eval()
 
     with torch.no_grad():
         batched = model(input_ids)
         alone = model(input_ids[4:5])
 
-    assert batched.dropped_fraction.abs().sum().item() == 0.0
     torch.testing.assert_close(alone.logits[0], batched.logits[4], rtol=1e-5, atol=1e-5)
 
 
@@ -305,15 +312,17 @@ def test_deepspeed_gate_routes_what_it_can_express(tiny_model):
     deepspeed_gate = tiny_model(**WIDE_INIT, drop_tokens=False)
     moe_gate = tiny_model(**WIDE_INIT, drop_tokens=False)
     for layer in moe_gate.moe_layers():  # the same routing through the project's gate
-        gate = MoeGate(moe_gate.config)
+        gate = MoeGate(moe_gate.config, layer.router_state)
         gate.wg.weight.data.copy_(layer.mlp.gate.wg.weight)
         layer.mlp.moe.deepspeed_moe.gate = gate
-        layer.mlp.gate.register_forward_hook(layer.mlp._keep_routes)
     input_ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(2))
     for mode in ("train", "eval"):
         a, b = getattr(deepspeed_gate, mode)()(input_ids), getattr(moe_gate, mode)()(input_ids)
         torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-5)
-        assert torch.equal(a.tokens_per_expert, b.tokens_per_expert)
+    routing_a, routing_b = deepspeed_gate.routing_metrics(), moe_gate.routing_metrics()  # the training forward
+    assert torch.equal(routing_a.received_LE, routing_b.received_LE)
+    assert torch.equal(routing_a.demand_LE, routing_b.demand_LE)
+    torch.testing.assert_close(routing_a.aux_loss_L, routing_b.aux_loss_L)
 
 
 def test_every_layer_of_a_group_limited_model_reaches_at_most_topk_group_ranks(tiny_model):
@@ -322,8 +331,9 @@ def test_every_layer_of_a_group_limited_model_reaches_at_most_topk_group_ranks(t
     ep_size, topk_group = 4, 2
     model = tiny_model(num_experts=8, num_experts_per_tok=4, router_score_func="sigmoid", router_n_group=ep_size,
                        router_topk_group=topk_group, router_aux_loss_coef=0.0, router_balance="none")
-    out = model(torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)))
-    ranks_LTk = out.top_experts // (8 // ep_size)
+    out = model(torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0)), output_router_logits=True)
+    top_experts_LTk = torch.stack([route_tokens(logits_TE, model.config).experts_Tk for logits_TE in out.router_logits])
+    ranks_LTk = top_experts_LTk // (8 // ep_size)
     spans = [len(set(row)) for row in itertools.chain.from_iterable(ranks_LTk.tolist())]
     assert max(spans) <= topk_group and min(spans) >= 1
     assert isinstance(model.moe_layers()[0].mlp, MoeSparseBlock)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import moe_model  # noqa: F401  (registers the Auto classes)
 from moe_model import MoeConfig, MoeForCausalLM
-from moe_model.modeling_moe import MoeMLP, MoeSparseBlock
+from moe_model.moe_blocks import MoeMLP, MoeSparseBlock
 from moe_recipe.config import CONF_DIR, load_recipe
 from transformers import AutoModelForCausalLM
 
@@ -86,11 +86,14 @@ def test_dense_and_moe_layers_interleave(tiny_model, num_layers, moe_layer_freq,
         assert layer.is_moe == (i in moe_layers)
         assert isinstance(layer.mlp, MoeSparseBlock if i in moe_layers else MoeMLP)
 
-    out = model(torch.randint(0, model.config.vocab_size, (2, 8)))
+    out = model.train()(torch.randint(0, model.config.vocab_size, (2, 8)), output_router_logits=True)
+    routing = model.routing_metrics()
     L, E = len(moe_layers), model.config.num_experts
-    assert out.tokens_per_expert.shape == (L, E)
-    assert out.dropped_fraction.shape == (L,)
-    assert len(out.router_logits) == L
+    assert routing.received_LE.shape == routing.demand_LE.shape == (L, E)
+    assert routing.dropped_L.shape == (L,) and routing.forwards == 1
+    assert routing.demand_LE.sum(1).tolist() == [2 * 8 * model.config.num_experts_per_tok] * L
+    assert len(out.router_logits) == L and out.router_logits[0].shape == (2 * 8, E)
+    assert model(torch.randint(0, model.config.vocab_size, (2, 8))).router_logits is None  # only when asked for
 
 
 # --- expert init ------------------------------------------------------------------------------------------------
@@ -245,9 +248,15 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(tiny_model, k):
     input_ids = torch.randint(0, model.config.vocab_size, (2, 8))
 
     loss, grads = loss_and_grads(model, input_ids)
+    routing = model.routing_metrics()
     model.gradient_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     loss_ckpt, grads_ckpt = loss_and_grads(model, input_ids)
+    # The recomputation in backward runs the layers' forwards again; the routers count one forward all the same.
+    routing_ckpt = model.routing_metrics()
+    assert routing.forwards == routing_ckpt.forwards == 1
+    assert torch.equal(routing_ckpt.demand_LE, routing.demand_LE)
+    assert torch.equal(routing_ckpt.aux_loss_L, routing.aux_loss_L)
 
     torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
     assert grads.keys() == grads_ckpt.keys()

@@ -18,7 +18,7 @@ from deepspeed.moe.sharded_moe import _capacity
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from moe_model import MoeConfig, MoeForCausalLM
-from moe_model.modeling_moe import route_tokens
+from moe_model.routing import route_tokens
 from moe_recipe.config import CONF_DIR, load_recipe
 from moe_recipe.plan import (
     DTYPE_BYTES,

@@ -1,5 +1,5 @@
 """MoeSparseBlock against hand computations: a naive per-token / per-expert loop, DeepSpeed's aux-loss formulas,
-the z-loss, and the capacity arithmetic behind the recorded `tokens_per_expert`, `demand` and `dropped_fraction`.
+the z-loss, and the capacity arithmetic behind the router state's `received_E`, `demand_E` and `dropped_fraction`.
 
 Shape legend: T tokens, D hidden size, E experts, k experts per token.
 """
@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_model.modeling_moe import MoeSparseBlock
+from moe_model.moe_blocks import MoeSparseBlock
+from moe_model.routing import route_tokens
 
 T = 16  # tokens per block forward (batch 2 x sequence 8)
 # Expert weights with std 0.2 give O(1) expert outputs and peaked router probabilities, so an absolute
@@ -25,9 +26,9 @@ def first_block(model) -> MoeSparseBlock:
 
 
 def run_block(block: MoeSparseBlock, x_BSD: torch.Tensor):
-    """The block's output and what its router recorder holds from that forward."""
+    """The block's output and what its router state holds from that forward."""
     out_BSD = block(x_BSD)
-    return out_BSD, block.recorder.pop()
+    return out_BSD, block.router_state.pop()
 
 
 def swiglu(mlp, x_TD: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ def test_block_matches_naive_per_token_loop(tiny_model, overrides, training):
     assert out_BSD.abs().mean() > 0.05, "outputs too small for the tolerance to mean anything"
     torch.testing.assert_close(out_BSD.reshape(T, -1), expected_TD, rtol=1e-5, atol=1e-5)
     assert routing.dropped_fraction.item() == 0.0
-    assert routing.tokens_per_expert_E.sum().item() == T * model.config.num_experts_per_tok
+    assert routing.received_E.sum().item() == T * model.config.num_experts_per_tok
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -219,8 +220,8 @@ def test_drops_follow_capacity_arithmetic(tiny_model, gate, k, num_forward, capa
 
     assert block.moe.deepspeed_moe.exp_counts.tolist() == requested_E.tolist()  # DeepSpeed's count: pre-drop
     assert routing.demand_E.tolist() == requested_E.tolist()  # the router's demand: before the capacity limit
-    assert routing.tokens_per_expert_E.tolist() == kept_E.tolist()
-    assert (routing.tokens_per_expert_E.tolist() != block.moe.deepspeed_moe.exp_counts.tolist()) == training
+    assert routing.received_E.tolist() == kept_E.tolist()
+    assert (routing.received_E.tolist() != block.moe.deepspeed_moe.exp_counts.tolist()) == training
     assert routing.dropped_fraction.item() == pytest.approx(1 - kept_E.sum().item() / (k * T), abs=1e-7)
     if k == 1:
         # A token whose only route is dropped gets no expert output at all.
@@ -240,20 +241,23 @@ def test_no_drops_without_drop_tokens(tiny_model, k):
     expected_E = torch.zeros(block.num_experts)
     expected_E[:k] = T
     assert routing.dropped_fraction.item() == 0.0
-    assert routing.tokens_per_expert_E.tolist() == expected_E.tolist()
+    assert routing.received_E.tolist() == expected_E.tolist()
     assert block.moe.deepspeed_moe.exp_counts.tolist() == expected_E.tolist()
 
 
-def test_recorded_top_k_and_demand_match_a_naive_count(tiny_model):
-    """The model's `top_experts` and `router_demand` against sorting each token's router logits by hand."""
-    model = tiny_model(num_experts=6, num_experts_per_tok=3, num_hidden_layers=3, first_k_dense_replace=1)
+def test_top_k_and_demand_match_a_naive_count(tiny_model):
+    """The routing of the model's router logits and the routers' demand counts against sorting each token's
+    router logits by hand."""
+    model = tiny_model(num_experts=6, num_experts_per_tok=3, num_hidden_layers=3, first_k_dense_replace=1).train()
     input_ids = torch.randint(0, model.config.vocab_size, (2, 25), generator=torch.Generator().manual_seed(1))
-    out = model(input_ids)
-    assert out.top_experts.shape == (2, 50, 3) and out.router_demand.shape == (2, 6)
+    out = model(input_ids, output_router_logits=True)
+    demand_LE = model.routing_metrics().demand_LE
+    assert len(out.router_logits) == 2 and demand_LE.shape == (2, 6)
     for layer, logits_TE in enumerate(out.router_logits):
+        top_experts_Tk = route_tokens(logits_TE, model.config).experts_Tk
         expected_E = torch.zeros(6)
         for t, row in enumerate(logits_TE):
             best = row.argsort(descending=True)[:3]
-            assert out.top_experts[layer, t].tolist() == best.tolist()
+            assert top_experts_Tk[t].tolist() == best.tolist()
             expected_E[best] += 1
-        assert out.router_demand[layer].tolist() == expected_E.tolist()
+        assert demand_LE[layer].tolist() == expected_E.tolist()
