@@ -12,7 +12,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from moe_model import MoeConfig, MoeForCausalLM
-from moe_model.modeling_moe import autoep_layer_settings
+from moe_model.moe_blocks import autoep_layer_settings
 
 from .config import RecipeConfig, global_batch_size
 from .lr_schedule import build_lr_scheduler
@@ -75,6 +75,11 @@ def recipe_clips_gradients(cfg: RecipeConfig, precision: str) -> bool:
     over its own experts only) instead of adding the experts' squared norms, so the clip factor depends on ep_size.
     The ZeRO optimizers and the bf16 one compute the whole gradient's norm themselves."""
     return cfg.zero.stage == 0 and precision == "fp32" and cfg.optim.grad_clip > 0
+
+
+def recipe_grad_clip(cfg: RecipeConfig) -> float | None:
+    """The norm the recipe clips to itself (the training step's `recipe_grad_clip`), or None where DeepSpeed clips."""
+    return cfg.optim.grad_clip if recipe_clips_gradients(cfg, resolve_precision(cfg.trainer.precision)) else None
 
 
 @torch.no_grad()
@@ -197,15 +202,6 @@ def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, ds_config: dict,
         assert groups._get_expert_parallel_rank(layer.expert_group_name) == model.ep_rank, \
             "the model was built for another place in the expert-parallel group than DeepSpeed gave this rank"
     return engine
-
-
-def update_expert_bias(model: MoeForCausalLM, step_load_LE: torch.Tensor) -> None:
-    """Collective, after each optimizer step when router_balance uses the expert bias: sum this rank's routes per
-    expert over the step's micro batches (`step_load_LE`, from the outputs' `router_demand`) over all ranks, so every
-    rank applies the same update from the load of the whole global batch, whatever the layout."""
-    load_LE = step_load_LE.detach().clone()
-    dist.all_reduce(load_LE)
-    model.update_expert_bias(load_LE)
 
 
 def active_params_per_token(config: MoeConfig) -> int:

@@ -1,11 +1,12 @@
 """Routing metrics and expert-load heatmaps during training, and the warning when routing collapses onto a few experts.
 
-Two [L, E] matrices per MoE layer and expert, summed over the log window and all ranks (`metrics.WindowMetrics`):
-  - received: the (token, slot) routes each expert processed, after the capacity limit (the model's
-    `tokens_per_expert`); with drop_tokens no expert receives more than its capacity, so a collapse shows up here
+Two [L, E] matrices per MoE layer and expert, summed over the log window and all ranks (`MoeRoutingMetrics`, from
+the model's router states):
+  - received: the (token, slot) routes each expert processed, after the capacity limit
+    (`received_LE`); with drop_tokens no expert receives more than its capacity, so a collapse shows up here
     as dropped routes rather than as one dominant expert;
-  - demand: the routes the router asked for, its top-k over the router logits before capacity (the model's
-    `router_demand`); this is where collapse shows: one expert chosen far more often than its fair share 1/E.
+  - demand: the routes the router asked for, its top-k over the router logits before capacity
+    (`demand_LE`); this is where collapse shows: one expert chosen far more often than its fair share 1/E.
 Each report writes run_dir/routing/expert_load_step_N.png (received | demand heatmaps, drop fraction per layer) and
 a .json with the numbers, hands the PNG to the metrics sink (W&B shows it), and logs a warning for each collapsed
 layer.
@@ -23,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .metrics import MetricsSink, WindowTotals
+from moe_model.routing import MoeRoutingMetrics
+
+from .metrics import MetricsSink
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ def imbalance(counts_LE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts_LE.max(dim=1).values / mean_L, counts_LE.std(dim=1, correction=0) / mean_L
 
 
-def routing_metrics(totals: WindowTotals, layer_ids: list[int], expert_bias_LE: torch.Tensor | None = None
+def routing_metrics(totals: MoeRoutingMetrics, layer_ids: list[int], expert_bias_LE: torch.Tensor | None = None
                     ) -> dict[str, float]:
     """The routing/layer_i/* scalars of one log window, i the decoder layer index (`layer_ids`, one per MoE layer):
     each expert's share of the received routes, the load imbalance of the received routes (max_load, load_cv) and
@@ -55,8 +58,8 @@ def routing_metrics(totals: WindowTotals, layer_ids: list[int], expert_bias_LE: 
     max_load_L, load_cv_L = imbalance(totals.received_LE)
     max_demand_L, demand_cv_L = imbalance(totals.demand_LE)
     per_layer = {"dropped_fraction": totals.dropped_L, "max_load": max_load_L, "load_cv": load_cv_L,
-                 "max_demand": max_demand_L, "demand_cv": demand_cv_L, "aux_loss": totals.layer_aux_loss_L,
-                 "z_loss": totals.layer_z_loss_L}
+                 "max_demand": max_demand_L, "demand_cv": demand_cv_L, "aux_loss": totals.aux_loss_L,
+                 "z_loss": totals.z_loss_L}
     per_layer = {name: values_L.tolist() for name, values_L in per_layer.items()}
     for index, layer in enumerate(layer_ids):
         prefix = f"routing/layer_{layer}"

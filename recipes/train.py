@@ -86,7 +86,8 @@ def train(cfg: RecipeConfig, recipe: Recipe, data: TrainingData) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from moe_recipe.engine import build_model, check_op_build_lock, initialize_engine
+    from moe_recipe.callbacks import build_callbacks
+    from moe_recipe.engine import build_model, check_op_build_lock, initialize_engine, recipe_grad_clip
     from moe_recipe.metrics import MetricsSink
     from moe_recipe.trainer import Trainer
 
@@ -110,7 +111,8 @@ def train(cfg: RecipeConfig, recipe: Recipe, data: TrainingData) -> None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(recipe.resolved))
         (run_dir / "ds_config.json").write_text(json.dumps(recipe.deepspeed, indent=2))
     metrics = MetricsSink(run_dir, cfg.logging, cfg.name, recipe.resolved, enabled=rank == 0)
-    trainer = Trainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps)
+    trainer = Trainer(engine, cfg.trainer, data, total_steps=recipe.total_steps, grad_clip=recipe_grad_clip(cfg),
+                      callbacks=build_callbacks(recipe, data, metrics, run_dir), resume_from=recipe.resume_from)
     try:
         trainer.fit()
     finally:
@@ -119,7 +121,7 @@ def train(cfg: RecipeConfig, recipe: Recipe, data: TrainingData) -> None:
         recipe.tokenizer.save_pretrained(run_dir / "tokenizer")
     dist.barrier()
     dist.destroy_process_group()
-    if trainer.preempted:
+    if trainer.stop_requested:
         sys.exit(int(os.environ.get("MOE_PREEMPT_EXIT_CODE", "0")))
 
 

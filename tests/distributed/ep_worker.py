@@ -1,5 +1,6 @@
-"""Train a tiny model at several settings in one torchrun, each through the recipe's config, validation and engine
-wiring; save per step the losses, grad norm, routes per expert and expert bias, and the final weights.
+"""Train a tiny model at several settings in one torchrun, each through the recipe's config, validation, engine wiring
+and training step (`train_step`, what the Trainer runs); save per step the losses, grad norm, routes per expert (the
+routers' metrics) and expert bias, and the final weights.
 
 Run under torchrun by the layout tests (conftest.py's `layout_runs`). A run is `backend:balance:zero_stage:ep_size`,
 then optionally a number of steps to stop after (the learning-rate schedule is always that of --steps) and `noclip`
@@ -17,14 +18,8 @@ import torch
 import torch.distributed as dist
 
 from moe_recipe.config import Recipe, build_recipe, compose, typed_config
-from moe_recipe.engine import (
-    build_model,
-    clip_grad_norm,
-    expert_parallel_rank,
-    initialize_engine,
-    recipe_clips_gradients,
-    update_expert_bias,
-)
+from moe_recipe.engine import build_model, expert_parallel_rank, initialize_engine, recipe_grad_clip
+from moe_recipe.train_step import train_step
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--runs", nargs="+", required=True, help="backend:balance:zero_stage:ep_size[:steps][:noclip]")
@@ -86,25 +81,17 @@ def train(backend: str, balance: str, zero_stage: int, ep_size: int, steps: int,
     if backend == "autoep":  # the engine, not the model's own block, must have run the steps
         assert [type(layer.mlp).__name__ for layer in model.moe_layers()] == ["AutoEPMoELayer"] * 2
     record = {"losses": [], "grad_norms": [], "router_demand": [], "tokens_per_expert": [], "expert_bias": []}
-    recipe_clips = recipe_clips_gradients(run.config, "fp32")  # ZeRO 0: as the trainer does, not DeepSpeed
     for step in range(steps):
-        batch = data[step % BATCHES]
-        out = engine(input_ids=batch, labels=batch)
-        engine.backward(out.loss)
-        norm = clip_grad_norm(model, run.config.optim.grad_clip) if recipe_clips else engine.get_global_grad_norm()
-        engine.step()
-        if model.config.uses_expert_bias:  # as the trainer does: after the step, from the step's global load
-            update_expert_bias(model, out.router_demand)
+        result = train_step(engine, [data[step % BATCHES]], recipe_grad_clip(run.config))
+        if model.config.uses_expert_bias:
             record["expert_bias"].append(model.expert_bias().clone())
-        losses = torch.stack([out.loss, out.lm_loss, out.aux_loss, out.z_loss]).detach()
-        routes = torch.stack([out.router_demand, out.tokens_per_expert]).detach().clone()
+        losses = result.losses[0].clone()
         dist.all_reduce(losses)
-        dist.all_reduce(routes)
+        routing = model.routing_metrics(reset=True)  # summed over the ranks
         record["losses"].append((losses / world).tolist())
-        record["router_demand"].append(routes[0])
-        record["tokens_per_expert"].append(routes[1])
-        norm = norm if recipe_clips else engine.get_global_grad_norm()  # ZeRO 1-3: after the step
-        record["grad_norms"].append(float("nan") if norm is None else float(norm))
+        record["router_demand"].append(routing.demand_LE)
+        record["tokens_per_expert"].append(routing.received_LE)
+        record["grad_norms"].append(float("nan") if result.grad_norm is None else float(result.grad_norm))
     for key in ("router_demand", "tokens_per_expert", "expert_bias"):
         record[key] = torch.stack(record[key]) if record[key] else None
     # AutoEP's experts are stacked per rank (and partitioned under ZeRO-3): its runs are compared by their losses.

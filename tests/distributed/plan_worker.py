@@ -15,7 +15,8 @@ import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 
 from moe_recipe.config import Recipe, load_recipe
-from moe_recipe.engine import build_model, initialize_engine
+from moe_recipe.engine import build_model, initialize_engine, recipe_grad_clip
+from moe_recipe.train_step import train_step
 from moe_recipe.plan import (
     ClusterSpec,
     build_plan,
@@ -121,16 +122,18 @@ def train(recipe: Recipe):
     t = cfg.trainer
     data = torch.randint(0, recipe.model.vocab_size, (t.grad_accum, t.micro_batch_size, cfg.data.seq_len),
                          generator=torch.Generator().manual_seed(rank)).to(engine.device)
-    grads = None
+    grads = {}
+
+    def micro_batches(step: int):
+        for micro in range(t.grad_accum):
+            if step == 0 and micro == 1:  # after the first micro step's backward, before the boundary
+                grads.update(grads_now(engine))
+            yield data[micro]
+
     for step in range(args.steps):
         a2a.update(calls=0, bytes=0)
-        for micro in range(t.grad_accum):  # one optimizer step, as Trainer.train_step runs it
-            out = engine(input_ids=data[micro], labels=data[micro])
-            engine.backward(out.loss)
-            if step == 0 and micro == 0:
-                grads = grads_now(engine)
-            engine.step()
-    return engine, grads, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        train_step(engine, micro_batches(step), recipe_grad_clip(cfg))  # one optimizer step, as the Trainer runs it
+    return engine, grads or None, torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
 results = []

@@ -19,7 +19,9 @@ from moe_recipe.config import (DataConfig, LoggingConfig, ModelConfig, OptimConf
                                RouterConfig, TrainerConfig, ZeroConfig, build_recipe)
 from moe_recipe.data import TrainingData, load_tokenizer, open_store, store_from_tokens, tokenizer_fingerprint
 from moe_recipe.data.sampler import Component
-from moe_recipe.engine import build_model, initialize_engine
+from moe_recipe.callbacks import Callback, build_callbacks
+from moe_recipe.checkpoint import check_resume
+from moe_recipe.engine import build_model, initialize_engine, recipe_grad_clip
 from moe_recipe.metrics import MetricsSink
 from moe_recipe.trainer import Trainer
 
@@ -35,18 +37,15 @@ MODEL = dict(
 
 
 
-class BiasTrainer(Trainer):
-    """The Trainer (which moves the expert bias after each optimizer step), writing the bias the first step starts
-    from (after a resume: what the checkpoint restored) to `bias_at_start`."""
+class SaveBiasAtStart(Callback):
+    """Writes the expert bias the first step of a job starts from (after a resume: what the checkpoint restored)."""
 
-    def __init__(self, *args, bias_at_start: Path, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.bias_at_start = bias_at_start
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
-    def train_step(self, step: int) -> None:
-        if not self.bias_at_start.exists() and self.rank == 0:
-            torch.save(self.engine.module.expert_bias().clone(), self.bias_at_start)
-        super().train_step(step)
+    def pre_train(self, trainer: Trainer) -> None:
+        if not self.path.exists() and trainer.rank == 0:
+            torch.save(trainer.engine.module.expert_bias().clone(), self.path)
 
 
 def model_config(overrides: dict) -> ModelConfig:
@@ -60,7 +59,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--jobs", required=True,
                     help="JSON list of {run_dir, ep_size, zero_stage, and optionally offload, precision, resume, "
                          "checkpoint_interval, model (overrides of MODEL), optim (OptimConfig fields), logits (a file "
-                         "to write)}; a model whose router.balance uses the expert bias trains with BiasTrainer")
+                         "to write)}; with the expert bias, the bias a job starts from goes to run_dir/bias_at_start.pt")
 args = parser.parse_args()
 
 deepspeed.init_distributed()
@@ -100,11 +99,12 @@ for job in json.loads(args.jobs):
                                recipe.total_steps)
     torch.manual_seed(cfg.trainer.seed + rank)
     metrics = MetricsSink(run_dir, cfg.logging, "test", {}, enabled=rank == 0)
+    callbacks = build_callbacks(recipe, data, metrics, run_dir)
     if recipe.model.uses_expert_bias:
-        BiasTrainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps,
-                    bias_at_start=run_dir / "bias_at_start.pt").fit()
-    else:
-        Trainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps).fit()
+        callbacks.append(SaveBiasAtStart(run_dir / "bias_at_start.pt"))
+    resume_from = check_resume(cfg.trainer.resume, run_dir / "checkpoints", recipe.model)  # as the preflight does
+    Trainer(engine, cfg.trainer, data, total_steps=recipe.total_steps, grad_clip=recipe_grad_clip(cfg),
+            callbacks=callbacks, resume_from=resume_from).fit()
     metrics.close()
     if "logits" in job:  # the trained model's own logits, at its layout, on the same input on every rank
         engine.eval()

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from moe_recipe.metrics import WindowTotals
+from moe_model.routing import MoeRoutingMetrics
 from moe_recipe.routing_report import (
     RoutingReport,
     collapse_threshold,
@@ -17,9 +17,9 @@ from moe_recipe.routing_report import (
 )
 
 
-def window(received, demand, dropped, aux=(0.0, 0.0), z=(0.0, 0.0)) -> WindowTotals:
-    return WindowTotals(micro_steps=1, losses={}, layer_aux_loss_L=torch.tensor(aux), layer_z_loss_L=torch.tensor(z),
-                        received_LE=received, demand_LE=demand, dropped_L=dropped)
+def window(received, demand, dropped, aux=(0.0, 0.0), z=(0.0, 0.0)) -> MoeRoutingMetrics:
+    return MoeRoutingMetrics(forwards=1, aux_loss_L=torch.tensor(aux), z_loss_L=torch.tensor(z),
+                             received_LE=received, demand_LE=demand, dropped_L=dropped)
 
 
 def test_routing_metrics_of_a_window():
