@@ -207,22 +207,3 @@ def update_expert_bias(model: MoeForCausalLM, step_load_LE: torch.Tensor) -> Non
     dist.all_reduce(load_LE)
     model.update_expert_bias(load_LE)
 
-
-def active_params_per_token(config: MoeConfig) -> int:
-    """Parameters a token passes through (embeddings excluded, lm_head included): k of E experts, shared ones."""
-    d, hd = config.hidden_size, config.head_dim
-    attn = d * hd * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
-    dense_ffn = 3 * d * config.intermediate_size
-    moe_ffn = 3 * d * config.moe_intermediate_size * (config.num_experts_per_tok + config.num_shared_experts)
-    moe_ffn += d * config.num_experts  # router
-    if config.use_residual:
-        moe_ffn += 3 * d * config.moe_intermediate_size + 2 * d
-    num_moe = len(config.moe_layer_indices)
-    num_dense = config.num_hidden_layers - num_moe
-    return config.num_hidden_layers * attn + num_dense * dense_ffn + num_moe * moe_ffn + d * config.vocab_size
-
-
-def flops_per_token(config: MoeConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active params plus attention scores (PaLM's appendix B)."""
-    attn_scores = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    return 6 * active_params_per_token(config) + attn_scores

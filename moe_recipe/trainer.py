@@ -20,9 +20,9 @@ from moe_model import MoeConfig
 from .checkpoint import load_checkpoint, resolve_resume_dir, save_checkpoint
 from .config import RecipeConfig, global_batch_size
 from .data import TrainingData
-from .engine import clip_grad_norm, flops_per_token, recipe_clips_gradients, resolve_precision, update_expert_bias
+from .engine import clip_grad_norm, recipe_clips_gradients, resolve_precision, update_expert_bias
+from .flops import flops_per_token, guess_peak_flops
 from .metrics import MetricsSink, WindowMetrics
-from .plan.hardware import guess_peak_flops
 from .routing_report import RoutingReport, routing_metrics
 
 log = logging.getLogger(__name__)
