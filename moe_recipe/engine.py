@@ -2,19 +2,18 @@
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups
 from torch import nn
 
 from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import autoep_layer_settings
 
 from .config import RecipeConfig, global_batch_size
+from .deepspeed_compat import expert_parallel_group, rank_in_expert_parallel_group, torch_extension_build_lock
 from .lr_schedule import build_lr_scheduler
 
 
@@ -93,7 +92,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
         else:
             dense_sq += square
     for group_name, square in sorted(expert_sq.items()):
-        dist.all_reduce(square, group=groups._get_expert_parallel_group(group_name))
+        dist.all_reduce(square, group=expert_parallel_group(group_name))
         dense_sq += square
     norm = dense_sq.sqrt()
     clip_coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -133,17 +132,15 @@ SHM_COMM_OP = "deepspeed_shm_comm"
 def check_op_build_lock(op_name: str = SHM_COMM_OP, stale_after_s: float = 300.0) -> None:
     """Stop with a message instead of hanging when a killed process left torch's JIT-build lock for `op_name`.
 
-    torch builds an op under `<TORCH_EXTENSIONS_DIR>/<python>_<device>/<op>/lock`, a plain file that every later load
-    of the op waits on, without a word, until it disappears. A killed build leaves it behind for good. A live build
+    torch builds an op holding a lock file in its build folder (`deepspeed_compat.torch_extension_build_lock`), a
+    plain file that every later load of the op waits on, without a word, until it disappears. A killed build leaves it behind for good. A live build
     writes into that folder (ninja's log, object files) every few tens of seconds, so a lock with nothing written
     there for `stale_after_s` is stale. Call before deepspeed.init_distributed, which loads the op on CPU.
     """
     if get_accelerator().device_name() != "cpu":
         return
-    from torch.utils.cpp_extension import _get_build_directory  # torch's own folder layout (private, torch >= 2.0)
-
-    build_dir = Path(_get_build_directory(op_name, verbose=False))
-    lock = build_dir / "lock"
+    lock = torch_extension_build_lock(op_name)
+    build_dir = lock.parent
     waited_s = 0.0
     while lock.exists():
         try:
@@ -179,7 +176,6 @@ def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, ds_config: dict,
     """Wrap the model in a DeepSpeed engine (EP and expert-DP groups are created here, from the MoE layers)."""
     import deepspeed
     from deepspeed.moe.layer import MoE
-    from deepspeed.utils import groups
 
     # A callable: DeepSpeed builds the optimizer once AutoEP (if enabled) has replaced the MoE blocks, so the groups
     # hold AutoEP's expert parameters, tagged for their expert-parallel group, and never the discarded ones.
@@ -194,7 +190,7 @@ def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, ds_config: dict,
         config=ds_config,
     )
     for layer in (m for m in model.modules() if isinstance(m, MoE)):
-        assert groups._get_expert_parallel_rank(layer.expert_group_name) == model.ep_rank, \
+        assert rank_in_expert_parallel_group(layer.expert_group_name) == model.ep_rank, \
             "the model was built for another place in the expert-parallel group than DeepSpeed gave this rank"
     return engine
 
