@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from moe_model import MoeConfig
 from moe_model.configuration_moe import parse_balance
 
+from .files import fsync_path, fsync_tree, write_atomic
 from .reshard import check_tensors_match, load_portable_state, save_portable_state, unsupported_reason
 
 log = logging.getLogger(__name__)
@@ -66,25 +67,6 @@ def current_layout(engine) -> dict:
     }
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers see the old content or the new one, never a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
     """Collective: every rank writes its native shards, its share of the portable state and its RNG state."""
     tag = checkpoint_tag(step)
@@ -114,11 +96,9 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
     dist.barrier()  # every rank's files are written
 
     if rank == 0:
-        files = {}
-        for path in sorted(partial.rglob("*")):
-            if path.is_file():
-                _fsync(path)
-                files[str(path.relative_to(partial))] = path.stat().st_size
+        fsync_tree(partial)
+        files = {str(path.relative_to(partial)): path.stat().st_size
+                 for path in sorted(partial.rglob("*")) if path.is_file()}
         scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
         manifest = {
             "format": FORMAT,
@@ -133,10 +113,10 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
             "tensors": tensors,
             "files": files,
         }
-        _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
+        write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
         os.rename(partial, final)  # the commit point: from here on the checkpoint exists
-        _fsync(checkpoint_dir)
-        _write_atomic(checkpoint_dir / "latest", tag)
+        fsync_path(checkpoint_dir)
+        write_atomic(checkpoint_dir / "latest", tag)
     dist.barrier()
     return final
 
