@@ -17,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moe_model import MoeConfig
 
-from .checkpoint import load_checkpoint, resolve_resume_dir, save_checkpoint
+from .checkpoint import ResumePoint, load_checkpoint, save_checkpoint
 from .config import RecipeConfig, global_batch_size
 from .data import TrainingData
 from .engine import clip_grad_norm, recipe_clips_gradients, resolve_precision, update_expert_bias
@@ -76,9 +76,8 @@ class Trainer:
         self.routing = RoutingReport(run_dir / "routing", self.t.heatmap_interval, model_config.num_experts_per_tok,
                                      self.moe_layer_ids)
 
-    def fit(self) -> None:
-        resume_dir = resolve_resume_dir(self.t.resume, self.checkpoint_dir)
-        start_step = load_checkpoint(self.engine, resume_dir) if resume_dir else 0
+    def fit(self, resume_from: ResumePoint | None) -> None:
+        start_step = load_checkpoint(self.engine, resume_from) if resume_from else 0
         if start_step >= self.total_steps:
             log.info("nothing to do: the checkpoint is at step %d of %d", start_step, self.total_steps)
             return

@@ -15,6 +15,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from moe_recipe.checkpoint import check_resume
 from moe_recipe.config import (DataConfig, LoggingConfig, ModelConfig, OptimConfig, ParallelConfig, RecipeConfig,
                                RouterConfig, TrainerConfig, ZeroConfig, build_recipe)
 from moe_recipe.data import TrainingData, load_tokenizer, open_store, store_from_tokens, tokenizer_fingerprint
@@ -100,11 +101,12 @@ for job in json.loads(args.jobs):
                                recipe.total_steps)
     torch.manual_seed(cfg.trainer.seed + rank)
     metrics = MetricsSink(run_dir, cfg.logging, "test", {}, enabled=rank == 0)
+    resume_from = check_resume(cfg.trainer.resume, run_dir / "checkpoints", recipe.model)  # as recipes/train.py
     if recipe.model.uses_expert_bias:
         BiasTrainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps,
-                    bias_at_start=run_dir / "bias_at_start.pt").fit()
+                    bias_at_start=run_dir / "bias_at_start.pt").fit(resume_from)
     else:
-        Trainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps).fit()
+        Trainer(engine, cfg, recipe.model, data, run_dir, metrics, recipe.total_steps).fit(resume_from)
     metrics.close()
     if "logits" in job:  # the trained model's own logits, at its layout, on the same input on every rank
         engine.eval()
