@@ -135,7 +135,8 @@ def check_op_build_lock(op_name: str = SHM_COMM_OP, stale_after_s: float = 300.0
     torch builds an op holding a lock file in its build folder (`deepspeed_compat.torch_extension_build_lock`), a
     plain file that every later load of the op waits on, without a word, until it disappears. A killed build leaves
     it behind for good. A live build writes into that folder (ninja's log, object files) every few tens of seconds,
-    so a lock with nothing written there for `stale_after_s` is stale. Call before deepspeed.init_distributed, which loads the op on CPU.
+    so a lock with nothing written there for `stale_after_s` is stale. Call before deepspeed.init_distributed, which
+    loads the op on CPU.
     """
     if get_accelerator().device_name() != "cpu":
         return
