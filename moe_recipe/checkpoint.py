@@ -13,7 +13,9 @@ Crash safety: the ranks write into `step_XXXXXXXX.incomplete/`; after a barrier 
 renames the folder to `step_XXXXXXXX` (atomic on POSIX) and only then points `latest` at it (temp file + os.replace).
 A process killed at any moment therefore leaves either a complete `step_XXXXXXXX` or an `.incomplete` folder that
 resume ignores and the next save removes. Resume scans for the newest complete folder rather than trusting `latest`
-(kept for DeepSpeed's tools such as zero_to_fp32.py), and checks every file against the manifest before loading.
+(kept for DeepSpeed's tools such as zero_to_fp32.py), and checks every file against the manifest before loading:
+`check_resume` does that once per rank, before any process group exists, and hands the manifest it read on in a
+`ResumePoint` for `load_checkpoint`.
 """
 
 import json
@@ -23,6 +25,7 @@ import pickletools
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from moe_model import MoeConfig
 from moe_model.configuration_moe import parse_balance
 
+from .files import fsync_path, fsync_tree, write_atomic
 from .reshard import check_tensors_match, load_portable_state, save_portable_state, unsupported_reason
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,18 @@ def checkpoint_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """A complete checkpoint to resume from and its manifest, whose files were checked when it was read."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+
 def current_layout(engine) -> dict:
     """What a native DeepSpeed checkpoint is tied to."""
     return {
@@ -66,31 +82,12 @@ def current_layout(engine) -> dict:
     }
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers see the old content or the new one, never a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
     """Collective: every rank writes its native shards, its share of the portable state and its RNG state."""
     tag = checkpoint_tag(step)
     final, partial = checkpoint_dir / tag, checkpoint_dir / f"{tag}{INCOMPLETE}"
     rank = dist.get_rank()
-    if final.exists():  # resolve_resume_dir refuses runs that could get here; never replace a good checkpoint
+    if final.exists():  # resolve_resume refuses runs that could get here; never replace a good checkpoint
         raise RuntimeError(f"{final} already exists; refusing to overwrite it.")
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -114,11 +111,9 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
     dist.barrier()  # every rank's files are written
 
     if rank == 0:
-        files = {}
-        for path in sorted(partial.rglob("*")):
-            if path.is_file():
-                _fsync(path)
-                files[str(path.relative_to(partial))] = path.stat().st_size
+        fsync_tree(partial)
+        files = {str(path.relative_to(partial)): path.stat().st_size
+                 for path in sorted(partial.rglob("*")) if path.is_file()}
         scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
         manifest = {
             "format": FORMAT,
@@ -133,10 +128,10 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
             "tensors": tensors,
             "files": files,
         }
-        _write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
+        write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1))
         os.rename(partial, final)  # the commit point: from here on the checkpoint exists
-        _fsync(checkpoint_dir)
-        _write_atomic(checkpoint_dir / "latest", tag)
+        fsync_path(checkpoint_dir)
+        write_atomic(checkpoint_dir / "latest", tag)
     dist.barrier()
     return final
 
@@ -208,8 +203,8 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def resolve_resume_dir(resume: str, checkpoint_dir: Path) -> Path | None:
-    """The checkpoint folder to resume from, or None for a fresh start.
+def resolve_resume(resume: str, checkpoint_dir: Path) -> ResumePoint | None:
+    """The checkpoint to resume from, its files checked (`read_manifest`), or None for a fresh start.
 
     `auto`: the newest complete checkpoint in the run's own folder, if any; `none`: a fresh start; anything else: a
     checkpoint folder (step_XXXXXXXX) or a checkpoints folder (its newest complete one). Refuses any choice that
@@ -243,13 +238,13 @@ def resolve_resume_dir(resume: str, checkpoint_dir: Path) -> Path | None:
                                  f"with a {MANIFEST}). Point it at a checkpoint written by this recipe, or use "
                                  "resume=auto / resume=none.")
             path = found[-1]
-    step = read_manifest(path)["step"]
-    newer = [p.name for p in existing if int(_TAG.match(p.name).group(1)) > step]
+    point = ResumePoint(path, read_manifest(path))
+    newer = [p.name for p in existing if int(_TAG.match(p.name).group(1)) > point.step]
     if newer:
-        raise ValueError(f"trainer.resume={resume!r} resumes from step {step}, but {checkpoint_dir} holds newer "
+        raise ValueError(f"trainer.resume={resume!r} resumes from step {point.step}, but {checkpoint_dir} holds newer "
                          f"checkpoints {newer}: continuing would overwrite them and mix two runs. Use a new "
                          "trainer.run_dir for this run.")
-    return path
+    return point
 
 
 def check_model_matches(manifest: dict, config: MoeConfig, folder: Path) -> None:
@@ -279,13 +274,14 @@ def _warn_changed_settings(manifest: dict, config: MoeConfig, folder: Path) -> N
                     ", ".join(f"{key} {saved[key]!r} -> {current[key]!r}" for key in changed))
 
 
-def check_resume(resume: str, checkpoint_dir: Path, config: MoeConfig) -> Path | None:
+def check_resume(resume: str, checkpoint_dir: Path, config: MoeConfig) -> ResumePoint | None:
     """What the entry point runs before any process group exists: resolve trainer.resume and check the checkpoint
     (complete, undamaged, same model) so that a bad one stops every rank with one message. Says so when it passes
-    over a newer save that did not finish."""
-    path = resolve_resume_dir(resume, checkpoint_dir)
-    if path is not None:
-        manifest = read_manifest(path)
+    over a newer save that did not finish. The manifest is read (and every file checked) once, here; pass the
+    result to `load_checkpoint`."""
+    point = resolve_resume(resume, checkpoint_dir)
+    if point is not None:
+        path, manifest = point.path, point.manifest
         check_model_matches(manifest, config, path)
         if manifest["scheduler"] is not None and "last_epoch" not in manifest["scheduler"]:
             raise ValueError(f"checkpoint {path} holds the LR schedule of DeepSpeed's WarmupCosineLR, which this "
@@ -297,7 +293,7 @@ def check_resume(resume: str, checkpoint_dir: Path, config: MoeConfig) -> Path |
         if unfinished:
             log.warning("resuming from %s, not from the newer %s: a save that did not finish (the job was killed "
                         "while writing it); the next checkpoint removes it", path, ", ".join(unfinished))
-    return path
+    return point
 
 
 def _restore_rng(folder: Path, manifest: dict) -> None:
@@ -311,13 +307,14 @@ def _restore_rng(folder: Path, manifest: dict) -> None:
         torch.manual_seed((torch.initial_seed() + 1_000_003 * manifest["step"]) % 2**63)
 
 
-def load_checkpoint(engine, folder: Path) -> int:
+def load_checkpoint(engine, resume: ResumePoint) -> int:
     """Restore model, optimizer, LR schedule, engine counters and RNG; return the step to continue from.
 
     At the layout the checkpoint was saved with this is DeepSpeed's own load; at any other (ep_size, world size,
-    ZeRO stage, offload, precision) it sets every parameter and its Adam moments from the portable state.
+    ZeRO stage, offload, precision) it sets every parameter and its Adam moments from the portable state. The
+    manifest is `resume`'s, whose files `check_resume` checked: nothing is read twice.
     """
-    manifest = read_manifest(folder)
+    folder, manifest = resume.path, resume.manifest
     check_model_matches(manifest, engine.module.config, folder)
     _warn_changed_settings(manifest, engine.module.config, folder)
     saved, layout = manifest["layout"], current_layout(engine)

@@ -11,7 +11,7 @@ import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +24,9 @@ from .data import DataConfig, load_tokenizer, tokenizer_path
 from .errors import unknown_key_message
 from .lr_schedule import SCHEDULES, decay_steps
 from .resources import CONF_DIR  # noqa: F401  (the Hydra config groups, in a clone or a wheel)
+
+if TYPE_CHECKING:
+    from .checkpoint import ResumePoint
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_MODES = ("disabled", "offline", "online")
@@ -184,6 +187,7 @@ class Recipe:
     total_steps: int
     deepspeed: dict[str, Any]  # the DeepSpeed config (engine.build_deepspeed_config)
     tokenizer: PreTrainedTokenizerBase | None
+    resume_from: "ResumePoint | None" = None  # the checkpoint recipes/train.py's preflight checked (check_resume)
 
 
 def world_size_from_env() -> int:

@@ -2,19 +2,18 @@
 
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups
 from torch import nn
 
 from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.moe_blocks import autoep_layer_settings
 
 from .config import RecipeConfig, global_batch_size
+from .deepspeed_compat import expert_parallel_group, rank_in_expert_parallel_group, torch_extension_build_lock
 from .lr_schedule import build_lr_scheduler
 
 
@@ -98,7 +97,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
         else:
             dense_sq += square
     for group_name, square in sorted(expert_sq.items()):
-        dist.all_reduce(square, group=groups._get_expert_parallel_group(group_name))
+        dist.all_reduce(square, group=expert_parallel_group(group_name))
         dense_sq += square
     norm = dense_sq.sqrt()
     clip_coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -138,17 +137,16 @@ SHM_COMM_OP = "deepspeed_shm_comm"
 def check_op_build_lock(op_name: str = SHM_COMM_OP, stale_after_s: float = 300.0) -> None:
     """Stop with a message instead of hanging when a killed process left torch's JIT-build lock for `op_name`.
 
-    torch builds an op under `<TORCH_EXTENSIONS_DIR>/<python>_<device>/<op>/lock`, a plain file that every later load
-    of the op waits on, without a word, until it disappears. A killed build leaves it behind for good. A live build
-    writes into that folder (ninja's log, object files) every few tens of seconds, so a lock with nothing written
-    there for `stale_after_s` is stale. Call before deepspeed.init_distributed, which loads the op on CPU.
+    torch builds an op holding a lock file in its build folder (`deepspeed_compat.torch_extension_build_lock`), a
+    plain file that every later load of the op waits on, without a word, until it disappears. A killed build leaves
+    it behind for good. A live build writes into that folder (ninja's log, object files) every few tens of seconds,
+    so a lock with nothing written there for `stale_after_s` is stale. Call before deepspeed.init_distributed, which
+    loads the op on CPU.
     """
     if get_accelerator().device_name() != "cpu":
         return
-    from torch.utils.cpp_extension import _get_build_directory  # torch's own folder layout (private, torch >= 2.0)
-
-    build_dir = Path(_get_build_directory(op_name, verbose=False))
-    lock = build_dir / "lock"
+    lock = torch_extension_build_lock(op_name)
+    build_dir = lock.parent
     waited_s = 0.0
     while lock.exists():
         try:
@@ -184,7 +182,6 @@ def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, ds_config: dict,
     """Wrap the model in a DeepSpeed engine (EP and expert-DP groups are created here, from the MoE layers)."""
     import deepspeed
     from deepspeed.moe.layer import MoE
-    from deepspeed.utils import groups
 
     # A callable: DeepSpeed builds the optimizer once AutoEP (if enabled) has replaced the MoE blocks, so the groups
     # hold AutoEP's expert parameters, tagged for their expert-parallel group, and never the discarded ones.
@@ -199,26 +196,6 @@ def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, ds_config: dict,
         config=ds_config,
     )
     for layer in (m for m in model.modules() if isinstance(m, MoE)):
-        assert groups._get_expert_parallel_rank(layer.expert_group_name) == model.ep_rank, \
+        assert rank_in_expert_parallel_group(layer.expert_group_name) == model.ep_rank, \
             "the model was built for another place in the expert-parallel group than DeepSpeed gave this rank"
     return engine
-
-
-def active_params_per_token(config: MoeConfig) -> int:
-    """Parameters a token passes through (embeddings excluded, lm_head included): k of E experts, shared ones."""
-    d, hd = config.hidden_size, config.head_dim
-    attn = d * hd * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
-    dense_ffn = 3 * d * config.intermediate_size
-    moe_ffn = 3 * d * config.moe_intermediate_size * (config.num_experts_per_tok + config.num_shared_experts)
-    moe_ffn += d * config.num_experts  # router
-    if config.use_residual:
-        moe_ffn += 3 * d * config.moe_intermediate_size + 2 * d
-    num_moe = len(config.moe_layer_indices)
-    num_dense = config.num_hidden_layers - num_moe
-    return config.num_hidden_layers * attn + num_dense * dense_ffn + num_moe * moe_ffn + d * config.vocab_size
-
-
-def flops_per_token(config: MoeConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active params plus attention scores (PaLM's appendix B)."""
-    attn_scores = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    return 6 * active_params_per_token(config) + attn_scores

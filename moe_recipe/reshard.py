@@ -29,7 +29,6 @@ import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import is_moe_param
 from deepspeed.utils import (
-    groups,
     safe_get_full_fp32_param,
     safe_get_full_optimizer_state,
     safe_set_full_fp32_param,
@@ -37,6 +36,15 @@ from deepspeed.utils import (
 )
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .deepspeed_compat import (
+    has_fp32_partition,
+    links_fp32_partitions,
+    own_persistent_buffers,
+    rank_in_expert_data_parallel_group,
+    rank_in_expert_parallel_group,
+    relink_fp32_partitions,
+)
 
 PORTABLE_DIR = "portable"
 BUFFERS_FILE = f"{PORTABLE_DIR}/buffers.safetensors"
@@ -73,11 +81,10 @@ def portable_buffers(module: torch.nn.Module) -> list[PortableBuffer]:
     """The module's persistent buffers (what `state_dict` holds besides parameters), in `named_modules` order."""
     buffers = []
     for prefix, owner in module.named_modules():
-        for attribute, tensor in owner._buffers.items():
-            if tensor is not None and attribute not in owner._non_persistent_buffers_set:
-                name = f"{prefix}.{attribute}" if prefix else attribute
-                assert not _EXPERT_ID.search(name), f"{name}: a buffer inside an expert would need its global id"
-                buffers.append(PortableBuffer(name, owner, attribute))
+        for attribute, _ in own_persistent_buffers(owner):
+            name = f"{prefix}.{attribute}" if prefix else attribute
+            assert not _EXPERT_ID.search(name), f"{name}: a buffer inside an expert would need its global id"
+            buffers.append(PortableBuffer(name, owner, attribute))
     return buffers
 
 
@@ -112,10 +119,10 @@ def portable_params(module: torch.nn.Module) -> list[PortableParam]:
         sections.setdefault(section, len(sections))
         if is_moe_param(param):
             layer = _owner(name, moe_layers)
-            first = groups._get_expert_parallel_rank(layer.expert_group_name) * layer.num_local_experts
+            first = rank_in_expert_parallel_group(layer.expert_group_name) * layer.num_local_experts
             global_name = _with_expert_id(name, first + int(_EXPERT_ID.search(name).group(1)))
             file = f"{PORTABLE_DIR}/{section}.experts_{first}-{first + layer.num_local_experts - 1}.safetensors"
-            writer = groups._get_expert_data_parallel_rank(layer.expert_group_name) == 0
+            writer = rank_in_expert_data_parallel_group(layer.expert_group_name) == 0
         else:
             global_name = name
             file = f"{PORTABLE_DIR}/{section}.safetensors"
@@ -175,14 +182,9 @@ def ensure_optimizer_state(engine) -> None:
         for p in zeroed:
             p.grad = None
     assert all(p in optimizer.state for p in params), "optimizer state exists for some parameters only"
-    wrapper = engine.optimizer
-    if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2, BF16_Optimizer
-        # Relink every time. DeepSpeed 0.19's ZeRO links the views once, right after stepping the *first* param group
-        # (`_optimizer_step(0)`), when the other groups -- the no-decay and all expert groups -- have no state yet:
-        # their views stay empty and `safe_get_full_optimizer_state` fails on them. A native load also replaces the
-        # state tensors the views point into.
-        wrapper._hp_optimizer_states_linked = False
-        wrapper._lazy_init_hp_params_optimizer_state()
+    if links_fp32_partitions(engine.optimizer):  # ZeRO-1/2, BF16_Optimizer
+        # Every time, not once: DeepSpeed 0.19.8 links only the first group's views (see relink_fp32_partitions).
+        relink_fp32_partitions(engine.optimizer)
 
 
 class MasterState:
@@ -201,7 +203,7 @@ class MasterState:
         if hasattr(wrapper, "fp16_groups") and hasattr(wrapper, "fp32_groups"):
             for lp_group, hp_group in zip(wrapper.fp16_groups, wrapper.fp32_groups):
                 self.fp32_copy.update({lp: hp for lp, hp in zip(lp_group, hp_group)})
-        elif wrapper is not self.optimizer and not hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
+        elif wrapper is not self.optimizer and not links_fp32_partitions(wrapper):
             raise NotImplementedError(f"layout-independent checkpoints do not support DeepSpeed's "
                                       f"{type(wrapper).__name__}; use zero.stage 1 or 2, or fp32/bf16 at stage 0.")
         ensure_optimizer_state(engine)
@@ -210,7 +212,7 @@ class MasterState:
 
     @staticmethod
     def partitioned(param: torch.nn.Parameter) -> bool:
-        return hasattr(param, "_hp_mapping")
+        return has_fp32_partition(param)
 
     def get(self, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         """{"param": fp32 weight, state key: moment}, each the full tensor. Collective for partitioned parameters."""

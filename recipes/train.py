@@ -8,6 +8,7 @@
 Any Hydra override works the same way under every launcher.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -73,7 +74,8 @@ def preflight(hydra_cfg: DictConfig) -> tuple[Recipe, TrainingData]:
     t = recipe.config.trainer
     check_precision_supported(t.precision)
     check_output_folder(Path(t.run_dir), "trainer.run_dir")
-    check_resume(t.resume, Path(t.run_dir) / "checkpoints", recipe.model)
+    resume_from = check_resume(t.resume, Path(t.run_dir) / "checkpoints", recipe.model)
+    recipe = dataclasses.replace(recipe, resume_from=resume_from)
     data = open_training_data(recipe.config.data, recipe.tokenizer,
                               global_batch_size=global_batch_size(t, recipe.world_size))
     return recipe, data

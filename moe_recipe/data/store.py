@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import fsync_path, fsync_tree
+
 FORMAT = "moe-recipe-token-store"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -163,21 +165,6 @@ def check_tokenizer(store: TokenStore, setting: str, tokenizer_sha256: str, voca
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with path.open("rb") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -211,7 +198,7 @@ def atomic_store(target: Path, overwrite: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)
@@ -219,7 +206,7 @@ def atomic_store(target: Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -9,7 +9,7 @@ ZeRO stage and the EP / expert-data-parallel groups (from the real model's optim
 them); activation memory with and without checkpointing; all-to-all and gradient-reduction bytes; a step time.
 The formulas, and how each number is checked, are in docs/planner.md.
 
-    hardware.py       GPU presets (memory, links, bf16 peak) and the cluster shape
+    hardware.py       GPU presets (memory, links; the bf16 peak is moe_recipe/flops.py's) and the cluster shape
     memory.py         parameters, gradients, master weights and optimizer states per rank per ZeRO stage
     activations.py    expert capacity and the activations autograd saves
     communication.py  all-to-all and gradient-reduction bytes and time
@@ -35,7 +35,7 @@ from .cli import (
     main,
 )
 from .communication import Communication, communication
-from .hardware import GPU_PRESETS, ClusterSpec, GpuPreset, guess_peak_flops
+from .hardware import GPU_PRESETS, ClusterSpec, GpuPreset
 from .memory import (
     DTYPE_BYTES,
     OptimizerGroup,
@@ -53,7 +53,7 @@ __all__ = [
     "DTYPE_BYTES", "EXIT_DOES_NOT_FIT", "EXIT_FITS", "EXIT_INVALID", "EXIT_NOT_MODELED", "EXIT_USAGE", "GPU_PRESETS",
     "ActivationMemory", "ClusterSpec", "Communication", "GpuPreset", "NotModeledError", "OptimizerGroup", "Plan",
     "StateMemory", "activation_memory", "build_plan", "build_rank_model", "communication",
-    "expert_capacity", "find_fixes", "format_bytes", "format_count", "format_plan", "guess_peak_flops", "main",
+    "expert_capacity", "find_fixes", "format_bytes", "format_count", "format_plan", "main",
     "optimizer_groups", "planned_precision", "state_memory", "zero2_grad_numel",
     "zero_flat_numel",
 ]

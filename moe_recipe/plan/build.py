@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..flops import active_params_per_token, flops_per_token
 from .activations import ActivationMemory, activation_memory
 from .communication import Communication, communication, ranks_per_group
 from .hardware import ClusterSpec, GiB
@@ -92,7 +93,6 @@ def build_plan(cfg: RecipeConfig, cluster: ClusterSpec, tokenizer_vocab_size: in
                overrides: list[str] | None = None) -> Plan:
     """Validate `cfg` for this cluster (ValueError if invalid) and estimate memory, communication and time."""
     from ..config import global_batch_size, validate
-    from ..engine import active_params_per_token, flops_per_token
 
     world = cluster.world_size
     c = validate(cfg, world, tokenizer_vocab_size=tokenizer_vocab_size)

@@ -1,11 +1,13 @@
-"""GPUs and clusters: memory, link bandwidths and dense bf16 peak per GPU model, for the planner and the MFU the
-trainer logs."""
+"""GPUs and clusters for the planner: memory and link bandwidths per GPU model (the dense bf16 peak is
+flops.PEAK_BF16_FLOPS, which the trainer's MFU uses too), and the cluster shape."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from ..flops import PEAK_BF16_FLOPS
 
 GiB = 2**30
 
@@ -16,18 +18,22 @@ class GpuPreset:
     memory_gib: float  # what torch sees as total device memory
     intra_node_gbps: float  # achievable GB/s per GPU and direction inside a node (NVLink / PCIe)
     inter_node_gbps: float  # achievable GB/s per GPU and direction between nodes (InfiniBand / Ethernet)
-    peak_bf16_flops: float  # dense (no sparsity) bf16 peak
+
+    @property
+    def peak_bf16_flops(self) -> float:
+        """Dense (no sparsity) bf16 peak."""
+        return PEAK_BF16_FLOPS[self.device_name]
 
 
 # Achievable (not nominal) bandwidths of common machines, about 80% of the link rate; moe-plan's --intra-node-gbps /
 # --inter-node-gbps override them for yours.
 GPU_PRESETS = {
-    "h100": GpuPreset("H100", 79.6, 360.0, 40.0, 989e12),  # SXM, NVLink4, 8 x 400 Gb/s InfiniBand per node
-    "h200": GpuPreset("H200", 140.4, 360.0, 40.0, 989e12),
-    "a100-80gb": GpuPreset("A100", 80.0, 240.0, 20.0, 312e12),  # SXM, NVLink3, 8 x 200 Gb/s InfiniBand per node
-    "a100-40gb": GpuPreset("A100", 40.0, 240.0, 20.0, 312e12),
-    "l40s": GpuPreset("L40S", 45.0, 25.0, 10.0, 362e12),  # PCIe Gen4, 100 Gb/s Ethernet per GPU
-    "a10g": GpuPreset("A10G", 22.5, 12.0, 3.0, 125e12),  # PCIe, 100 Gb/s per 8-GPU node
+    "h100": GpuPreset("H100", 79.6, 360.0, 40.0),  # SXM, NVLink4, 8 x 400 Gb/s InfiniBand per node
+    "h200": GpuPreset("H200", 140.4, 360.0, 40.0),
+    "a100-80gb": GpuPreset("A100", 80.0, 240.0, 20.0),  # SXM, NVLink3, 8 x 200 Gb/s InfiniBand per node
+    "a100-40gb": GpuPreset("A100", 40.0, 240.0, 20.0),
+    "l40s": GpuPreset("L40S", 45.0, 25.0, 10.0),  # PCIe Gen4, 100 Gb/s Ethernet per GPU
+    "a10g": GpuPreset("A10G", 22.5, 12.0, 3.0),  # PCIe, 100 Gb/s per 8-GPU node
 }
 
 
@@ -48,16 +54,6 @@ def detect_gpu() -> tuple[str, float]:
         raise ValueError(f"--gpu auto: no preset for {name!r}; pass the closest of {sorted(GPU_PRESETS)} and override "
                          "its numbers (--gpu-memory-gib, --intra-node-gbps, --inter-node-gbps, --peak-tflops).")
     return preset, memory_gib
-
-
-def guess_peak_flops() -> float | None:
-    """Dense bf16 peak of the current GPU, for MFU; None without a GPU or for a GPU no preset names."""
-    if not torch.cuda.is_available():
-        return None
-    device = torch.cuda.current_device()
-    preset = preset_for_device(torch.cuda.get_device_name(device),
-                               torch.cuda.get_device_properties(device).total_memory / GiB)
-    return GPU_PRESETS[preset].peak_bf16_flops if preset else None
 
 
 @dataclass(frozen=True)
@@ -100,4 +96,4 @@ class ClusterSpec:
         return spec
 
 
-__all__ = ["GPU_PRESETS", "ClusterSpec", "GpuPreset", "detect_gpu", "guess_peak_flops", "preset_for_device"]
+__all__ = ["GPU_PRESETS", "ClusterSpec", "GpuPreset", "detect_gpu", "preset_for_device"]

@@ -57,7 +57,7 @@ trainer.save_checkpoint = save_checkpoint
 hook(TorchCheckpointEngine, "save", "native")
 hook(reshard, "save_file", "portable")
 hook(checkpoint.os, "rename", "rename")
-hook(checkpoint, "_write_atomic", "latest", when=lambda path, text: Path(path).name == "latest")
+hook(checkpoint, "write_atomic", "latest", when=lambda path, text: Path(path).name == "latest")
 
 if __name__ == "__main__":
     sys.argv[0] = str(Path(train.__file__))

@@ -227,5 +227,5 @@ def test_resume_says_which_newer_save_it_passes_over(run_copy, caplog):
     shutil.copytree(checkpoints / "step_00000002", checkpoints / "step_00000003.incomplete")
     config = MoeConfig.from_dict(read_manifest(checkpoints / "step_00000002")["model"])
     with caplog.at_level(logging.WARNING, logger="moe_recipe.checkpoint"):
-        assert check_resume("auto", checkpoints, config) == checkpoints / "step_00000002"
+        assert check_resume("auto", checkpoints, config).path == checkpoints / "step_00000002"
     assert "step_00000003.incomplete" in caplog.text and "did not finish" in caplog.text

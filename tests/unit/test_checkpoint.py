@@ -1,4 +1,5 @@
-"""Checkpoint checks that need no engine: what the manifest's model must agree on with the run's."""
+"""Checkpoint checks that need no engine: what the manifest's model must agree on with the run's; resume reads a
+manifest once."""
 
 import json
 import warnings
@@ -6,7 +7,8 @@ import warnings
 import pytest
 
 from moe_model import MoeConfig
-from moe_recipe.checkpoint import check_model_matches
+from moe_recipe import checkpoint
+from moe_recipe.checkpoint import FORMAT, MANIFEST, ResumePoint, check_model_matches, check_resume
 
 
 def manifest_of(config: MoeConfig) -> dict:
@@ -27,3 +29,26 @@ def test_the_expert_bias_cannot_be_switched_on_or_off_between_jobs(tmp_path):
     old = manifest_of(without_bias)
     del old["model"]["router_balance"]  # saved before the setting existed: DeepSpeed's aux loss, no bias
     check_model_matches(old, without_bias, tmp_path)
+
+
+def write_checkpoint(folder, config: MoeConfig, step: int) -> None:
+    """A manifest and the one file it lists: what resume checks, without an engine's state."""
+    folder.mkdir(parents=True)
+    (folder / "rng_rank00000.bin").write_bytes(b"1234")
+    manifest = {"format": FORMAT, "step": step, "scheduler": {"last_epoch": step}, "files": {"rng_rank00000.bin": 4},
+                **manifest_of(config)}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_resume_reads_the_manifest_once_and_hands_it_on(tmp_path, monkeypatch):
+    config = MoeConfig()
+    for step in (1, 2):
+        write_checkpoint(tmp_path / f"step_{step:08d}", config, step)
+    reads = []
+    read_manifest = checkpoint.read_manifest
+    monkeypatch.setattr(checkpoint, "read_manifest", lambda folder: reads.append(folder) or read_manifest(folder))
+    resume = check_resume("auto", tmp_path, config)
+    assert reads == [tmp_path / "step_00000002"]
+    assert isinstance(resume, ResumePoint) and resume.path == tmp_path / "step_00000002" and resume.step == 2
+    assert resume.manifest["files"] == {"rng_rank00000.bin": 4}
+    assert check_resume("none", tmp_path / "elsewhere", config) is None

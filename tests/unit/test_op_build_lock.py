@@ -6,15 +6,15 @@ import time
 from pathlib import Path
 
 import pytest
-from torch.utils.cpp_extension import _get_build_directory
 
+from moe_recipe.deepspeed_compat import torch_extension_build_lock
 from moe_recipe.engine import SHM_COMM_OP, check_op_build_lock
 
 
 @pytest.fixture
 def build_dir(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    folder = Path(_get_build_directory(SHM_COMM_OP, verbose=False))
+    folder = torch_extension_build_lock(SHM_COMM_OP).parent
     assert folder.is_relative_to(tmp_path)
     (folder / "build.ninja").write_text("")
     return folder

@@ -1,0 +1,51 @@
+"""Training FLOPs per token and the GPUs' dense bf16 peak: the MFU the trainer logs, the planner's step time.
+
+No DeepSpeed import here (the planner's `--json` must keep stdout clean), and the model config only for its type.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from moe_model import MoeConfig
+
+# Dense (no sparsity) bf16 peak FLOP/s, keyed by what torch.cuda.get_device_name() contains; SXM parts.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """Dense bf16 peak of the GPU torch calls `device_name`; None for a GPU no preset names."""
+    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device_name), None)
+
+
+def guess_peak_flops() -> float | None:
+    """Dense bf16 peak of the current GPU, for MFU; None without a GPU or for a GPU no preset names."""
+    if not torch.cuda.is_available():
+        return None
+    return peak_flops_of(torch.cuda.get_device_name(torch.cuda.current_device()))
+
+
+def active_params_per_token(config: MoeConfig) -> int:
+    """Parameters a token passes through (embeddings excluded, lm_head included): k of E experts, shared ones."""
+    d, hd = config.hidden_size, config.head_dim
+    attn = d * hd * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
+    dense_ffn = 3 * d * config.intermediate_size
+    moe_ffn = 3 * d * config.moe_intermediate_size * (config.num_experts_per_tok + config.num_shared_experts)
+    moe_ffn += d * config.num_experts  # router
+    if config.use_residual:
+        moe_ffn += 3 * d * config.moe_intermediate_size + 2 * d
+    num_moe = len(config.moe_layer_indices)
+    num_dense = config.num_hidden_layers - num_moe
+    return config.num_hidden_layers * attn + num_dense * dense_ffn + num_moe * moe_ffn + d * config.vocab_size
+
+
+def flops_per_token(config: MoeConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x active params plus attention scores (PaLM's appendix B)."""
+    attn_scores = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * active_params_per_token(config) + attn_scores
+
+
+__all__ = ["PEAK_BF16_FLOPS", "active_params_per_token", "flops_per_token", "guess_peak_flops", "peak_flops_of"]
