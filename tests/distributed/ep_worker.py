@@ -16,7 +16,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from moe_recipe.config import Recipe, build_recipe, compose, typed_config
+from moe_recipe.recipe import Recipe, build_recipe, compose, typed_config
 from moe_recipe.engine import (
     build_model,
     clip_grad_norm,

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 
-from moe_recipe.config import Recipe, load_recipe
+from moe_recipe.recipe import Recipe, load_recipe
 from moe_recipe.engine import build_model, initialize_engine
 from moe_recipe.plan import (
     ClusterSpec,

@@ -12,7 +12,7 @@ import torch
 from moe_model import MoeForCausalLM
 from moe_model.modeling_moe import route_tokens
 from moe_recipe import analyze_routing
-from moe_recipe.config import load_recipe
+from moe_recipe.recipe import load_recipe
 from moe_recipe.export import export
 from tests.helpers import REPO, run_command
 from tests.wandb_records import history_and_config

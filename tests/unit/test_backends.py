@@ -16,8 +16,9 @@ from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 
 from moe_model import MOE_BACKENDS, MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import MoeAutoEPBlock, MoeSparseBlock, autoep_layer_settings
-from moe_recipe.config import load_recipe, validate
+from moe_recipe.config import validate
 from moe_recipe.export import mixtral_blockers
+from moe_recipe.recipe import load_recipe
 from tests.helpers import compose_recipe
 
 # Layer 0 dense, layers 1 and 2 MoE; std 0.2 gives O(1) outputs and peaked routers, so tolerances mean something.

@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from moe_model import MoeConfig, MoeForCausalLM
-from moe_recipe.config import CONF_DIR, ModelConfig, compose, load_recipe, typed_config, validate
+from moe_recipe.config import CONF_DIR, ModelConfig, validate
 from moe_recipe.engine import active_params_per_token, build_param_groups
 from moe_recipe.errors import CONFIG_ERRORS, config_error_message
+from moe_recipe.recipe import compose, load_recipe, typed_config
 
 
 def group_options(group: str) -> list[str]:

@@ -10,7 +10,8 @@ import torch.distributed as dist
 import moe_model  # noqa: F401  (registers the Auto classes)
 from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import MoeMLP, MoeSparseBlock
-from moe_recipe.config import CONF_DIR, load_recipe
+from moe_recipe.config import CONF_DIR
+from moe_recipe.recipe import load_recipe
 from transformers import AutoModelForCausalLM
 
 EXPERTS_KEY = ".deepspeed_experts."
