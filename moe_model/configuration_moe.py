@@ -9,6 +9,9 @@ NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 SCORE_FUNCS = ("softmax", "sigmoid")
 # router_balance: "none", one loss, "bias", or "bias+<loss>" (DeepSeek-V3 pairs the bias with a small sequence loss).
 BALANCE_LOSSES = ("aux", "global", "sequence")
+# Settings of earlier versions that saved configs still carry: the layout (ep_size) and eval_capacity_factor (eval never
+# drops tokens, so it had no effect).
+_REMOVED_SETTINGS = ("ep_size", "eval_capacity_factor")
 
 
 def parse_balance(balance: str) -> tuple[str | None, bool]:
@@ -30,7 +33,7 @@ class MoeBackend:
     read this table instead of repeating the rules."""
 
     description: str
-    capacity: bool  # an expert capacity: drop_tokens, capacity_factor, eval_capacity_factor, min_capacity
+    capacity: bool  # an expert capacity: drop_tokens, capacity_factor, min_capacity
     noisy_gate: bool  # noisy_gate_policy (Jitter, RSample)
     random_token_selection: bool  # use_rts
     sampled_second_expert: bool  # top2_2nd_expert_sampling
@@ -85,14 +88,13 @@ class MoeConfig(PretrainedConfig):
     Training-only options map onto DeepSpeed's MoE arguments: `capacity_factor`, `min_capacity`, `drop_tokens`
     (capacity-based token dropping while training; eval, generate() and exports never drop, so a sequence's
     outputs do not depend on its batch mates), `noisy_gate_policy` (None, "Jitter", "RSample"), `use_rts`
-    (top-1 only), `top2_2nd_expert_sampling` (top-2 only), `use_residual` (PR-MoE). `eval_capacity_factor` is
-    kept for old configs and has no effect. DeepSpeed's own gate routes when it can express the routing (softmax,
-    no bias, no groups, no scaling, DeepSpeed's top-k normalisation); otherwise the layer gets `MoeGate`, the
-    project's gate with the same contract.
+    (top-1 only), `top2_2nd_expert_sampling` (top-2 only), `use_residual` (PR-MoE). DeepSpeed's own gate routes
+    when it can express the routing (softmax, no bias, no groups, no scaling, DeepSpeed's top-k normalisation);
+    otherwise the layer gets `MoeGate`, the project's gate with the same contract.
 
     The parallel layout is not part of the config: the model is built for it (`MoeForCausalLM(config, ep_size=...,
     ep_rank=...)`), so a saved config never says how many ranks trained it. Configs saved by earlier versions carry
-    an `ep_size` key; it is dropped on load.
+    an `ep_size` key, and an `eval_capacity_factor` that never had an effect; both are dropped on load.
 
     Layer `i` is an MoE layer when `i >= first_k_dense_replace` and `i % moe_layer_freq == 0` (DeepSeek's rule);
     the others use a dense SwiGLU of `intermediate_size`.
@@ -127,7 +129,6 @@ class MoeConfig(PretrainedConfig):
         num_experts: int = 8,
         num_experts_per_tok: int = 2,
         capacity_factor: float = 1.0,
-        eval_capacity_factor: float = 1.0,
         min_capacity: int = 4,
         drop_tokens: bool = True,
         noisy_gate_policy: str | None = None,
@@ -168,7 +169,6 @@ class MoeConfig(PretrainedConfig):
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
         self.capacity_factor = capacity_factor
-        self.eval_capacity_factor = eval_capacity_factor
         self.min_capacity = min_capacity
         self.drop_tokens = drop_tokens
         self.noisy_gate_policy = None if noisy_gate_policy in (None, "None", "none") else noisy_gate_policy
@@ -188,7 +188,8 @@ class MoeConfig(PretrainedConfig):
         self.router_topk_group = router_topk_group
         self.router_bias_update_rate = router_bias_update_rate
         self.moe_backend = moe_backend
-        kwargs.pop("ep_size", None)  # the layout, stored by configs saved before it moved out of the config
+        for key in _REMOVED_SETTINGS:
+            kwargs.pop(key, None)
         self.validate()
         super().__init__(
             pad_token_id=pad_token_id,
@@ -224,8 +225,8 @@ class MoeConfig(PretrainedConfig):
             if self.noisy_gate_policy == "RSample":
                 fail("noisy_gate_policy='RSample' only acts with num_experts_per_tok=1 in DeepSpeed's gate; "
                      "use 'Jitter' or set num_experts_per_tok=1.")
-        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
-            fail("capacity_factor and eval_capacity_factor must be > 0.")
+        if self.capacity_factor <= 0:
+            fail(f"capacity_factor={self.capacity_factor} must be > 0.")
         if self.min_capacity < 0:
             fail(f"min_capacity={self.min_capacity} must be >= 0.")
         if self.num_shared_experts < 0:
@@ -308,8 +309,6 @@ class MoeConfig(PretrainedConfig):
         if not uses_bias and self.router_bias_update_rate != 0.001:
             messages.append("router_bias_update_rate has no effect without the expert bias (router_balance='bias' "
                             "or 'bias+...').")
-        if self.eval_capacity_factor != 1.0:
-            messages.append("eval_capacity_factor has no effect: evaluation and generation never drop tokens.")
         return messages
 
     @property

@@ -59,7 +59,6 @@ class ModelConfig:
     num_experts: int = 8
     num_experts_per_tok: int = 2
     capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
     min_capacity: int = 4
     drop_tokens: bool = True
     noisy_gate_policy: str | None = None

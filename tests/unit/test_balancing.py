@@ -285,7 +285,6 @@ def test_router_settings_are_validated(tiny_config, overrides, message):
     (dict(num_experts_per_tok=3, top2_2nd_expert_sampling=True), "top2_2nd_expert_sampling acts only"),
     (dict(router_balance="bias"), "router_aux_loss_coef=0.01 has no effect with router_balance='bias'"),
     (dict(router_bias_update_rate=0.01), "router_bias_update_rate has no effect without the expert bias"),
-    (dict(eval_capacity_factor=2.0), "eval_capacity_factor has no effect"),
 ])
 def test_settings_without_effect_warn(tiny_config, overrides, warning):
     with pytest.warns(UserWarning, match=warning):

@@ -2,6 +2,7 @@
 noisy-gating options of the MoE causal LM, on tiny configs in one CPU process."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -66,9 +67,12 @@ def test_model_rejects_a_layout_that_does_not_fit(tiny_config, ep_size, ep_rank,
         MoeForCausalLM(tiny_config(), ep_size=ep_size, ep_rank=ep_rank)
 
 
-def test_old_config_with_ep_size_loads_without_it(tiny_config):
-    config = MoeConfig.from_dict({**tiny_config().to_dict(), "ep_size": 2})
-    assert not hasattr(config, "ep_size") and "ep_size" not in config.to_dict()
+@pytest.mark.parametrize("key, value", [("ep_size", 2), ("eval_capacity_factor", 2.0)])
+def test_old_config_with_a_removed_setting_loads_without_it(tiny_config, key, value):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silently
+        config = MoeConfig.from_dict({**tiny_config().to_dict(), key: value})
+    assert not hasattr(config, key) and key not in config.to_dict()
 
 
 # --- interleaving -----------------------------------------------------------------------------------------------
