@@ -1,6 +1,7 @@
 """Configuration of the MoE causal LM whose sparse blocks are DeepSpeed MoE layers."""
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import PretrainedConfig
@@ -25,6 +26,24 @@ def parse_balance(balance: str) -> tuple[str | None, bool]:
         raise ValueError(f"router_balance={balance!r} must be 'none', one of {list(BALANCE_LOSSES)}, 'bias', or "
                          "'bias+' one of those losses (e.g. 'bias+sequence', DeepSeek-V3's pairing).")
     return (losses[0] if losses else None), uses_bias
+
+
+Namer = Callable[[str], str]  # a field's name (router_balance) -> the name a message gives it
+Message = Callable[[Namer], str]  # a message that names fields only through the namer it is given
+
+
+class MoeConfigError(ValueError):
+    """A MoeConfig setting that cannot work. Its message names the fields through a namer, so that a caller with its
+    own names for them words it in those (the recipe: `model.router.balance` for `router_balance`) with
+    `render(namer)`; str() uses MoeConfig's names."""
+
+    def __init__(self, message: Message):
+        super().__init__(f"MoeConfig: {message(lambda name: name)}")
+        self.message = message
+
+    def render(self, name: Namer) -> str:
+        """The message with `name(field)` for each field it names."""
+        return self.message(name)
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,9 @@ class MoeConfig(PretrainedConfig):
     r"""
     A decoder-only transformer (RMSNorm, RoPE, GQA through SDPA, SwiGLU) whose feed-forwards are, on the MoE layers,
     DeepSpeed MoE layers (`deepspeed.moe.layer.MoE`), optionally with shared experts beside the routed ones.
+
+    The keyword arguments of `__init__`, their types and defaults are also the recipe's `model` section
+    (moe_recipe/config.py derives its schema from them): a setting is added here, once.
 
     Routing (`moe_model.modeling_moe.route_tokens` is its one implementation):
       - scores: `router_score_func` "softmax" (Mixtral, Qwen3-MoE) or "sigmoid" (DeepSeek-V3) over fp32 logits;
@@ -114,12 +136,12 @@ class MoeConfig(PretrainedConfig):
         self,
         vocab_size: int = 4096,
         hidden_size: int = 64,
-        intermediate_size: int = 128,
-        moe_intermediate_size: int = 128,
+        intermediate_size: int = 128,  # the dense layers' SwiGLU
+        moe_intermediate_size: int = 128,  # each expert's SwiGLU
         num_hidden_layers: int = 2,
         num_attention_heads: int = 4,
         num_key_value_heads: int = 2,
-        head_dim: int | None = None,
+        head_dim: int | None = None,  # None: hidden_size // num_attention_heads (which must then divide evenly)
         max_position_embeddings: int = 256,
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
@@ -132,22 +154,22 @@ class MoeConfig(PretrainedConfig):
         min_capacity: int = 4,
         drop_tokens: bool = True,
         noisy_gate_policy: str | None = None,
-        use_rts: bool = False,
-        top2_2nd_expert_sampling: bool = False,
+        use_rts: bool = False,  # DeepSpeed's top-1 gate only (its default is true)
+        top2_2nd_expert_sampling: bool = False,  # DeepSpeed's top-2 gate only (its default is true)
         use_residual: bool = False,
         num_shared_experts: int = 0,
         moe_layer_freq: int = 1,
         first_k_dense_replace: int = 0,
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
-        router_balance: str = "aux",
-        router_score_func: str = "softmax",
-        router_norm_topk_prob: bool | None = None,
-        router_scaling_factor: float = 1.0,
-        router_n_group: int | None = None,
-        router_topk_group: int | None = None,
-        router_bias_update_rate: float = 0.001,
-        moe_backend: str = "deepspeed",
+        router_balance: str = "aux",  # none | aux | global | sequence | bias | bias+aux | bias+global | bias+sequence
+        router_score_func: str = "softmax",  # softmax | sigmoid
+        router_norm_topk_prob: bool | None = None,  # None: for k > 1
+        router_scaling_factor: float = 1.0,  # routed_scaling_factor: multiplies the routed experts' weights
+        router_n_group: int | None = None,  # group-limited routing (n_group = ep_size: one group per rank) ...
+        router_topk_group: int | None = None,  # ... of which each token may use topk_group
+        router_bias_update_rate: float = 0.001,  # with the expert bias: the bias moves this much per step
+        moe_backend: str = "deepspeed",  # deepspeed | autoep
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -160,7 +182,7 @@ class MoeConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
-        self.head_dim = head_dim if head_dim is not None else hidden_size // num_attention_heads
+        self.head_dim = head_dim
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
@@ -191,6 +213,8 @@ class MoeConfig(PretrainedConfig):
         for key in _REMOVED_SETTINGS:
             kwargs.pop(key, None)
         self.validate()
+        if self.head_dim is None:  # derived after validate, which refuses a head count that does not divide
+            self.head_dim = hidden_size // num_attention_heads
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -200,60 +224,70 @@ class MoeConfig(PretrainedConfig):
         )
 
     def validate(self) -> None:
-        """Raise a ValueError naming the field and the fix for any inconsistent setting."""
+        """Raise a MoeConfigError (a ValueError) naming the field and the fix for any inconsistent setting."""
 
-        def fail(message: str) -> None:
-            raise ValueError(f"MoeConfig: {message}")
+        def fail(message: Message) -> None:
+            raise MoeConfigError(message)
 
+        # Before head_dim is derived (by dividing): a head count of 0 is refused here, not met by ZeroDivisionError.
         for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
-                     "num_experts", "num_experts_per_tok", "moe_layer_freq"):
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "num_experts",
+                     "num_experts_per_tok", "moe_layer_freq"):
             if getattr(self, name) < 1:
-                fail(f"{name}={getattr(self, name)} must be >= 1.")
-        if self.num_attention_heads % self.num_key_value_heads:
-            fail(f"num_attention_heads={self.num_attention_heads} is not divisible by num_key_value_heads="
-                 f"{self.num_key_value_heads}; pick num_key_value_heads among the divisors of num_attention_heads.")
-        if self.head_dim % 2:
-            fail(f"head_dim={self.head_dim} must be even for rotary embeddings.")
-        if self.num_experts_per_tok > self.num_experts:
-            fail(f"num_experts_per_tok={self.num_experts_per_tok} (top-k) exceeds num_experts={self.num_experts}; "
-                 "lower num_experts_per_tok or add experts.")
+                fail(lambda n: f"{n(name)}={getattr(self, name)} must be >= 1.")
+        H, Hkv = self.num_attention_heads, self.num_key_value_heads
+        if self.head_dim is None and self.hidden_size % H:
+            fail(lambda n: f"{n('hidden_size')}={self.hidden_size} is not divisible by {n('num_attention_heads')}={H}; "
+                 f"pick a head count that divides it, or set {n('head_dim')} explicitly (the attention then projects "
+                 "to num_attention_heads * head_dim).")
+        head_dim = self.hidden_size // H if self.head_dim is None else self.head_dim
+        if head_dim < 1:
+            fail(lambda n: f"{n('head_dim')}={head_dim} must be >= 1.")
+        if head_dim % 2:
+            fail(lambda n: f"{n('head_dim')}={head_dim} must be even for rotary embeddings.")
+        if H % Hkv:
+            fail(lambda n: f"{n('num_attention_heads')}={H} is not divisible by {n('num_key_value_heads')}={Hkv}; "
+                 f"pick {n('num_key_value_heads')} among the divisors of {n('num_attention_heads')}.")
+        for name in ("rope_theta", "rms_norm_eps", "capacity_factor"):
+            if getattr(self, name) <= 0:
+                fail(lambda n: f"{n(name)}={getattr(self, name)} must be > 0.")
+        for name in ("min_capacity", "initializer_range", "num_shared_experts", "router_aux_loss_coef",
+                     "router_z_loss_coef"):
+            if getattr(self, name) < 0:
+                fail(lambda n: f"{n(name)}={getattr(self, name)} must be >= 0.")
+        k, E = self.num_experts_per_tok, self.num_experts
+        if k > E:
+            fail(lambda n: f"{n('num_experts_per_tok')}={k} (top-k) exceeds {n('num_experts')}={E}; lower "
+                 f"{n('num_experts_per_tok')} or add experts.")
         if self.noisy_gate_policy not in NOISY_GATE_POLICIES:
-            fail(f"noisy_gate_policy={self.noisy_gate_policy!r} must be one of None, 'Jitter', 'RSample'.")
-        if self.noisy_gate_policy is not None and self.num_experts_per_tok != 1:
-            # DeepSpeed applies Jitter to every k, but RSample only inside its top-1 gate.
-            if self.noisy_gate_policy == "RSample":
-                fail("noisy_gate_policy='RSample' only acts with num_experts_per_tok=1 in DeepSpeed's gate; "
-                     "use 'Jitter' or set num_experts_per_tok=1.")
-        if self.capacity_factor <= 0:
-            fail(f"capacity_factor={self.capacity_factor} must be > 0.")
-        if self.min_capacity < 0:
-            fail(f"min_capacity={self.min_capacity} must be >= 0.")
-        if self.num_shared_experts < 0:
-            fail(f"num_shared_experts={self.num_shared_experts} must be >= 0.")
+            fail(lambda n: f"{n('noisy_gate_policy')}={self.noisy_gate_policy!r} must be one of None, 'Jitter', "
+                 "'RSample'.")
+        # DeepSpeed applies Jitter to every k, but RSample only inside its top-1 gate.
+        if self.noisy_gate_policy == "RSample" and k != 1:
+            fail(lambda n: f"{n('noisy_gate_policy')}='RSample' only acts with {n('num_experts_per_tok')}=1 in "
+                 f"DeepSpeed's gate; use 'Jitter' or set {n('num_experts_per_tok')}=1.")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            fail(f"first_k_dense_replace={self.first_k_dense_replace} must lie in [0, num_hidden_layers="
-                 f"{self.num_hidden_layers}].")
+            fail(lambda n: f"{n('first_k_dense_replace')}={self.first_k_dense_replace} must lie in [0, "
+                 f"{n('num_hidden_layers')}={self.num_hidden_layers}].")
         if not any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
-            fail("no layer is an MoE layer with these first_k_dense_replace / moe_layer_freq settings.")
-        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            fail("router_aux_loss_coef and router_z_loss_coef must be >= 0.")
+            fail(lambda n: f"no layer is an MoE layer with these {n('first_k_dense_replace')} / "
+                 f"{n('moe_layer_freq')} settings.")
         self.validate_router(fail)
         if self.moe_backend not in MOE_BACKENDS:
-            fail(f"moe_backend={self.moe_backend!r} must be one of {list(MOE_BACKENDS)}.")
+            fail(lambda n: f"{n('moe_backend')}={self.moe_backend!r} must be one of {list(MOE_BACKENDS)}.")
         backend = self.backend_support
         unsupported = [(setting, off, capability) for setting, on, off, capability in (
-            ("noisy_gate_policy", self.noisy_gate_policy is not None, "noisy_gate_policy=null", "noisy_gate"),
-            ("use_residual", self.use_residual, "use_residual=false", "residual_moe"),
+            ("noisy_gate_policy", self.noisy_gate_policy is not None, "null", "noisy_gate"),
+            ("use_residual", self.use_residual, "false", "residual_moe"),
         ) if on and not getattr(backend, capability)]
         if unsupported:
-            fail(f"{' and '.join(u[0] for u in unsupported)} not supported by moe_backend={self.moe_backend!r} "
-                 f"({backend.description}); set {' and '.join(u[1] for u in unsupported)}, or use moe_backend="
+            fail(lambda n: f"{' and '.join(n(u[0]) for u in unsupported)} not supported by {n('moe_backend')}="
+                 f"{self.moe_backend!r} ({backend.description}); set "
+                 f"{' and '.join(f'{n(u[0])}={u[1]}' for u in unsupported)}, or use {n('moe_backend')}="
                  f"{' or '.join(repr(b) for b in backends_with(unsupported[0][2]))}.")
         ignored = [name for name, on, supported in (
             ("drop_tokens", self.drop_tokens, backend.capacity),
-            ("top2_2nd_expert_sampling", self.top2_2nd_expert_sampling and self.num_experts_per_tok == 2,
-             backend.sampled_second_expert),
+            ("top2_2nd_expert_sampling", self.top2_2nd_expert_sampling and k == 2, backend.sampled_second_expert),
         ) if on and not supported]
         if ignored:
             warnings.warn(f"MoeConfig: moe_backend={self.moe_backend!r} is dropless top-k routing, so {ignored} (and "
@@ -262,32 +296,37 @@ class MoeConfig(PretrainedConfig):
         for message in self.ineffective_settings():
             warnings.warn(f"MoeConfig: {message}", stacklevel=3)
 
-    def validate_router(self, fail) -> None:
+    def validate_router(self, fail: Callable[[Message], None]) -> None:
         try:
             parse_balance(self.router_balance)
-        except ValueError as err:
-            fail(str(err))
+        except ValueError:
+            fail(lambda n: f"{n('router_balance')}={self.router_balance!r} must be 'none', one of "
+                 f"{list(BALANCE_LOSSES)}, 'bias', or 'bias+' one of those losses (e.g. 'bias+sequence', DeepSeek-V3's "
+                 "pairing).")
         if self.router_score_func not in SCORE_FUNCS:
-            fail(f"router_score_func={self.router_score_func!r} must be one of {list(SCORE_FUNCS)}.")
+            fail(lambda n: f"{n('router_score_func')}={self.router_score_func!r} must be one of {list(SCORE_FUNCS)}.")
         if self.router_scaling_factor <= 0:
-            fail(f"router_scaling_factor={self.router_scaling_factor} must be > 0.")
+            fail(lambda n: f"{n('router_scaling_factor')}={self.router_scaling_factor} must be > 0.")
         if self.router_bias_update_rate < 0:
-            fail(f"router_bias_update_rate={self.router_bias_update_rate} must be >= 0.")
+            fail(lambda n: f"{n('router_bias_update_rate')}={self.router_bias_update_rate} must be >= 0.")
         if (self.router_n_group is None) != (self.router_topk_group is None):
-            fail("router_n_group and router_topk_group go together: set both (group-limited routing) or neither.")
+            fail(lambda n: f"{n('router_n_group')} and {n('router_topk_group')} go together: set both (group-limited "
+                 "routing) or neither.")
         if self.router_n_group is not None:
             E, groups, topk_group = self.num_experts, self.router_n_group, self.router_topk_group
             if groups < 1 or E % groups or E // groups < 2:
-                fail(f"router_n_group={groups} must divide num_experts={E} into groups of at least 2 experts "
-                     "(a group is scored by the sum of its two best experts).")
+                fail(lambda n: f"{n('router_n_group')}={groups} must divide {n('num_experts')}={E} into groups of at "
+                     "least 2 experts (a group is scored by the sum of its two best experts).")
             if not 1 <= topk_group <= groups:
-                fail(f"router_topk_group={topk_group} must lie in [1, router_n_group={groups}].")
+                fail(lambda n: f"{n('router_topk_group')}={topk_group} must lie in [1, {n('router_n_group')}="
+                     f"{groups}].")
             if topk_group * (E // groups) < self.num_experts_per_tok:
-                fail(f"router_topk_group={topk_group} groups of {E // groups} experts hold fewer than "
-                     f"num_experts_per_tok={self.num_experts_per_tok}; raise router_topk_group.")
+                fail(lambda n: f"{n('router_topk_group')}={topk_group} groups of {E // groups} experts hold fewer "
+                     f"than {n('num_experts_per_tok')}={self.num_experts_per_tok}; raise {n('router_topk_group')}.")
         if not self.uses_deepspeed_gate and self.noisy_gate_policy is not None:
-            fail(f"noisy_gate_policy={self.noisy_gate_policy!r} needs DeepSpeed's own gate, which cannot express "
-                 f"this routing ({', '.join(self.routing_beyond_deepspeed_gate())}); set noisy_gate_policy=null.")
+            fail(lambda n: f"{n('noisy_gate_policy')}={self.noisy_gate_policy!r} needs DeepSpeed's own gate, which "
+                 f"cannot express this routing ({', '.join(self.routing_beyond_deepspeed_gate())}); set "
+                 f"{n('noisy_gate_policy')}=null.")
 
     def ineffective_settings(self) -> list[str]:
         """Settings that are accepted but change nothing with this config: each one a message that says why."""
@@ -363,4 +402,5 @@ class MoeConfig(PretrainedConfig):
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
 
-__all__ = ["BALANCE_LOSSES", "MOE_BACKENDS", "SCORE_FUNCS", "MoeBackend", "MoeConfig", "backends_with", "parse_balance"]
+__all__ = ["BALANCE_LOSSES", "MOE_BACKENDS", "SCORE_FUNCS", "MoeBackend", "MoeConfig", "MoeConfigError",
+           "backends_with", "parse_balance"]

@@ -2,18 +2,18 @@
 
 The dataclasses are also the schema Hydra composes into (a structured config registered in the ConfigStore as
 `recipe_schema`, the first entry of conf/config.yaml's defaults list): OmegaConf refuses an unknown key or a value of
-the wrong type, in a YAML file or an override, while the config is composed. `validate` checks the rules across
-sections; recipe.py's `load_recipe` is the one way in.
+the wrong type, in a YAML file or an override, while the config is composed. The model section is MoeConfig's
+signature, generated from it. `validate` checks the rules across sections; recipe.py's `load_recipe` is the one way in.
 """
 
-import re
-from dataclasses import dataclass, field, fields
+import inspect
+from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
 from moe_model import MoeConfig
-from moe_model.configuration_moe import backends_with
+from moe_model.configuration_moe import MoeConfigError, backends_with
 
 from .data import DataConfig
 from .lr_schedule import SCHEDULES, decay_steps
@@ -23,61 +23,57 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_MODES = ("disabled", "offline", "online")
 
 
-@dataclass
-class RouterConfig:
-    """How tokens choose experts and how the load is balanced: `model.router.<name>` is MoeConfig's
-    `router_<name>` (see its docstring)."""
-
-    balance: str = "aux"  # none | aux | global | sequence | bias | bias+aux | bias+global | bias+sequence
-    score_func: str = "softmax"  # softmax | sigmoid
-    norm_topk_prob: bool | None = None  # divide the chosen experts' weights by their sum; None: for k > 1
-    scaling_factor: float = 1.0  # routed_scaling_factor: multiplies the routed experts' weights
-    n_group: int | None = None  # group-limited routing: experts in n_group groups (n_group = ep_size: one per rank)
-    topk_group: int | None = None  # ... of which each token may use topk_group
-    bias_update_rate: float = 0.001  # balance=bias: the bias moves by this much per optimizer step
+# The model section is generated from MoeConfig.__init__'s keyword arguments, their types and defaults, so that each
+# setting and its default is written once (there). Left out: the tokenizer's token ids (the recipe sets them from the
+# tokenizer), the inference cache, and **kwargs (PretrainedConfig's own options).
+_NOT_MODEL_SETTINGS = ("self", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "kwargs")
+_FLAT_ROUTER_SETTINGS = ("router_aux_loss_coef", "router_z_loss_coef")  # the loss weights stay beside the others
 
 
-@dataclass
-class ModelConfig:
-    """The architecture and routing settings of `MoeConfig` (see its docstring), with its defaults; the `router`
-    section holds its `router_*` settings other than the loss weights. The parallel layout is not among them: it is
-    `parallel.ep_size`, applied when the model is built."""
+def _in_router_section(name: str) -> bool:
+    return name.startswith("router_") and name not in _FLAT_ROUTER_SETTINGS
 
-    vocab_size: int = 4096
-    hidden_size: int = 64
-    intermediate_size: int = 128  # dense layers' SwiGLU
-    moe_intermediate_size: int = 128  # each expert's SwiGLU
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads (which must then divide evenly)
-    max_position_embeddings: int = 256
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    capacity_factor: float = 1.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    noisy_gate_policy: str | None = None
-    use_rts: bool = False  # DeepSpeed's top-1 gate only (its default is true)
-    top2_2nd_expert_sampling: bool = False  # DeepSpeed's top-2 gate only (its default is true)
-    use_residual: bool = False
-    num_shared_experts: int = 0
-    moe_layer_freq: int = 1
-    first_k_dense_replace: int = 0
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    router: RouterConfig = field(default_factory=RouterConfig)
-    moe_backend: str = "deepspeed"
 
-    def moe_config_arguments(self) -> dict[str, Any]:
-        """MoeConfig's keyword arguments: the flat settings, and `router.<name>` as `router_<name>`."""
-        arguments = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "router"}
-        arguments.update({f"router_{f.name}": getattr(self.router, f.name) for f in fields(self.router)})
-        return arguments
+def _structured_config(name: str, fields_: list[tuple[str, Any, Any]], doc: str) -> type:
+    schema = make_dataclass(name, fields_, namespace={"__module__": __name__, "__doc__": doc})
+    schema.__qualname__ = name
+    return schema
+
+
+_MODEL_SETTINGS = [p for p in inspect.signature(MoeConfig.__init__).parameters.values()
+                   if p.name not in _NOT_MODEL_SETTINGS]
+
+RouterConfig = _structured_config(
+    "RouterConfig",
+    [(p.name.removeprefix("router_"), p.annotation, field(default=p.default))
+     for p in _MODEL_SETTINGS if _in_router_section(p.name)],
+    """How tokens choose experts and how the load is balanced: `model.router.<name>` is MoeConfig's `router_<name>`,
+    with its type and default (see its docstring).""")
+
+_flat = [(p.name, p.annotation, field(default=p.default)) for p in _MODEL_SETTINGS if not _in_router_section(p.name)]
+# The router section goes where MoeConfig lists its router settings (together), so saved configs keep that order.
+_router_at = next(i for i, p in enumerate(_MODEL_SETTINGS) if _in_router_section(p.name))
+ModelConfig = _structured_config(
+    "ModelConfig", [*_flat[:_router_at], ("router", RouterConfig, field(default_factory=RouterConfig)),
+                    *_flat[_router_at:]],
+    """The architecture and routing settings of `MoeConfig`: its keyword arguments with their types and defaults,
+    generated from its signature (see its docstring for what each does). The `router` section holds its `router_*`
+    settings other than the loss weights, without the prefix. Not among them: the layout (`parallel.ep_size`, applied
+    when the model is built), the tokenizer's token ids (set from data.tokenizer) and use_cache.""")
+
+
+def model_setting_name(name: str) -> str:
+    """MoeConfig's name for a field -> the model section's: `router_balance` -> `router.balance`, `hidden_size` ->
+    `hidden_size`."""
+    return f"router.{name.removeprefix('router_')}" if _in_router_section(name) else name
+
+
+def moe_config_kwargs(model: ModelConfig) -> dict[str, Any]:
+    """MoeConfig's keyword arguments from the typed model section: the flat settings, `router.<name>` as
+    `router_<name>`."""
+    kwargs = {f.name: getattr(model, f.name) for f in fields(model) if f.name != "router"}
+    kwargs.update({f"router_{f.name}": getattr(model.router, f.name) for f in fields(model.router)})
+    return kwargs
 
 
 @dataclass
@@ -147,19 +143,13 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     name: str = "default"
 
-    def model_config(self, **overrides) -> MoeConfig:
-        """The model's config; MoeConfig.validate runs on it (top-k, heads, layers, ...). The layout is not in it."""
+    def model_config(self) -> MoeConfig:
+        """The model's config; MoeConfig.validate runs on it (top-k, heads, layers, ...), and its errors name the model
+        section's settings (model.router.balance). The layout is not in it."""
         try:
-            return MoeConfig(**self.model.moe_config_arguments(), **overrides)
-        except ValueError as err:  # MoeConfig names its own fields; here they are the model section's
-            raise ValueError(model_setting_names(str(err).replace("MoeConfig: ", "model: ", 1))) from None
-
-
-def model_setting_names(message: str) -> str:
-    """MoeConfig's words for its fields -> the model section's (router_balance -> router.balance)."""
-    for f in fields(RouterConfig):
-        message = re.sub(rf"\brouter_{f.name}\b", f"router.{f.name}", message)
-    return message
+            return MoeConfig(**moe_config_kwargs(self.model))
+        except MoeConfigError as err:
+            raise ValueError(err.render(lambda name: f"model.{model_setting_name(name)}")) from None
 
 
 # conf/config.yaml names this schema first in its defaults list, so every section is typed while Hydra composes.
@@ -176,21 +166,7 @@ def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | Non
     ep = cfg.parallel.ep_size
     if ep < 1:
         raise ValueError(f"parallel.ep_size={ep} must be >= 1.")
-    m = cfg.model
-    # MoeConfig derives head_dim by dividing: these come first, or a zero head count ends in ZeroDivisionError.
-    if m.num_attention_heads < 1:
-        raise ValueError(f"model.num_attention_heads={m.num_attention_heads} must be >= 1.")
-    if m.head_dim is None and m.hidden_size % m.num_attention_heads:
-        raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
-                         f"{m.num_attention_heads}; pick a head count that divides it, or set model.head_dim "
-                         "explicitly (the attention then projects to num_attention_heads * head_dim).")
-    for name in ("rope_theta", "rms_norm_eps"):
-        if getattr(m, name) <= 0:
-            raise ValueError(f"model.{name}={getattr(m, name)} must be > 0.")
-    if m.min_capacity < 0 or m.initializer_range < 0:
-        raise ValueError(f"model.min_capacity={m.min_capacity} and model.initializer_range={m.initializer_range} "
-                         "must be >= 0.")
-    model = cfg.model_config()  # MoeConfig.validate: top-k, heads, layers, ...
+    model = cfg.model_config()  # MoeConfig.validate: sizes, heads, top-k, layers, routing, ...
     model.validate_ep_size(ep)
     if world_size % ep:
         raise ValueError(f"parallel.ep_size={ep} does not divide the world size {world_size}; launch a multiple of "

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import moe_model  # noqa: F401  (registers the Auto classes)
 from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import MoeMLP, MoeSparseBlock
-from moe_recipe.config import CONF_DIR
+from moe_recipe.config import CONF_DIR, moe_config_kwargs
 from moe_recipe.recipe import load_recipe
 from transformers import AutoModelForCausalLM
 
@@ -317,7 +317,7 @@ def test_generate_with_and_without_cache_agree_for_every_shipped_model_config(na
     runs the MoE layers on one token at a time, without it on the whole prefix: they agree because inference never
     drops and routes each token on its own."""
     shipped = load_recipe([f"model={name}"], world_size=1, require_tokenizer=False).config.model
-    arguments = shipped.moe_config_arguments()
+    arguments = moe_config_kwargs(shipped)
     num_layers = arguments["first_k_dense_replace"] + 2 * arguments["moe_layer_freq"]
     kv_heads = 4 if arguments["num_key_value_heads"] == arguments["num_attention_heads"] else 2
     config = MoeConfig(**{**arguments, **SMALL_SHAPE, "num_hidden_layers": num_layers, "num_key_value_heads": kv_heads})
