@@ -3,29 +3,37 @@
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from transformers import PretrainedConfig
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 SCORE_FUNCS = ("softmax", "sigmoid")
-# router_balance: "none", one loss, "bias", or "bias+<loss>" (DeepSeek-V3 pairs the bias with a small sequence loss).
-BALANCE_LOSSES = ("aux", "global", "sequence")
+ROUTER_BALANCES = ("none", "aux", "global", "sequence")  # the balancing loss; the expert bias is router_expert_bias
+# Configs saved before the expert bias had its own field wrote it into router_balance: old spelling -> the loss.
+_BIAS_BALANCES = {"bias": "none", "bias+aux": "aux", "bias+global": "global", "bias+sequence": "sequence"}
 # Settings of earlier versions that saved configs still carry: the layout (ep_size) and eval_capacity_factor (eval never
 # drops tokens, so it had no effect).
 _REMOVED_SETTINGS = ("ep_size", "eval_capacity_factor")
+_warned_bias_balance = False  # the old spelling is pointed out once per process, not once per config built
 
 
-def parse_balance(balance: str) -> tuple[str | None, bool]:
-    """`router_balance` -> (the balancing loss or None, whether the expert bias is on). Raises ValueError."""
-    parts = balance.split("+")
-    uses_bias = "bias" in parts
-    losses = [part for part in parts if part != "bias"]
-    valid = (balance == "none" or (len(parts) == len(set(parts)) and len(losses) <= 1
-                                   and all(part in BALANCE_LOSSES for part in losses)))
-    if not valid:
-        raise ValueError(f"router_balance={balance!r} must be 'none', one of {list(BALANCE_LOSSES)}, 'bias', or "
-                         "'bias+' one of those losses (e.g. 'bias+sequence', DeepSeek-V3's pairing).")
-    return (losses[0] if losses else None), uses_bias
+def _split_bias_balance(balance: str, expert_bias: bool) -> tuple[str, bool]:
+    """(router_balance, router_expert_bias) in today's form: an old spelling with the bias in router_balance ("bias",
+    "bias+sequence", ...) becomes its loss (or "none") and router_expert_bias=True; anything else is returned as is."""
+    if balance in _BIAS_BALANCES:
+        return _BIAS_BALANCES[balance], True
+    return balance, expert_bias
+
+
+def upgrade_config_dict(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (a config.json, a checkpoint manifest's model) with today's fields, as MoeConfig loads it: the
+    expert bias out of router_balance into router_expert_bias, the removed settings dropped. No warning."""
+    upgraded = {key: value for key, value in config.items() if key not in _REMOVED_SETTINGS}
+    if "router_balance" in upgraded:
+        upgraded["router_balance"], upgraded["router_expert_bias"] = _split_bias_balance(
+            upgraded["router_balance"], upgraded.get("router_expert_bias", False))
+    return upgraded
 
 
 Namer = Callable[[str], str]  # a field's name (router_balance) -> the name a message gives it
@@ -92,21 +100,24 @@ class MoeConfig(PretrainedConfig):
 
     Routing (`moe_model.modeling_moe.route_tokens` is its one implementation):
       - scores: `router_score_func` "softmax" (Mixtral, Qwen3-MoE) or "sigmoid" (DeepSeek-V3) over fp32 logits;
-      - choice: the top `num_experts_per_tok` (k) scores, plus the expert bias when balancing uses one; with
+      - choice: the top `num_experts_per_tok` (k) scores, plus the expert bias when `router_expert_bias`; with
         `router_n_group` groups of consecutive experts, only the `router_topk_group` groups with the highest sum
         of their two best scores are eligible (DeepSeek-V3's group-limited routing; with router_n_group = ep_size
         a group is one expert-parallel rank's experts, so a token's routes reach at most router_topk_group ranks);
       - weights: the chosen experts' unbiased scores, divided by their sum when `router_norm_topk_prob` (None:
         for k > 1, DeepSpeed's rule), times `router_scaling_factor`.
-    Balancing (`router_balance`), weighted by `router_aux_loss_coef`:
+    Balancing: `router_balance` picks the loss, weighted by `router_aux_loss_coef`:
       - "aux": DeepSpeed's load-balancing loss, computed per rank on its own tokens (so it depends on the layout);
       - "global": the same Switch-style loss with the expert frequencies counted over the whole data- and
         expert-parallel world (Megatron-Core's global aux loss), so loss and gradient do not depend on the layout;
       - "sequence": DeepSeek-V3's complementary sequence-wise loss, averaged over sequences;
-      - "bias": auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias (`e_score_correction_bias`, a
-        buffer) added to the scores for the choice only, moved by `router_bias_update_rate` towards balance after
-        each optimizer step from the global load; "bias+sequence" (or +global, +aux) adds that loss;
-      - "none". `router_z_loss_coef` weighs ST-MoE's z-loss in every case.
+      - "none": no balancing loss.
+    `router_expert_bias`, beside any of them, is auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias
+    (`e_score_correction_bias`, a buffer) added to the scores for the choice only, moved by
+    `router_bias_update_rate` towards balance after each optimizer step from the global load. DeepSeek-V3 pairs it
+    with a small "sequence" loss. `router_z_loss_coef` weighs ST-MoE's z-loss in every case. Configs saved before
+    the bias had its own field spell it in router_balance ("bias", "bias+sequence", ...); they load as that loss
+    (or "none") with router_expert_bias=True, with a FutureWarning.
     Training-only options map onto DeepSpeed's MoE arguments: `capacity_factor`, `min_capacity`, `drop_tokens`
     (capacity-based token dropping while training; eval, generate() and exports never drop, so a sequence's
     outputs do not depend on its batch mates), `noisy_gate_policy` (None, "Jitter", "RSample"), `use_rts`
@@ -162,19 +173,29 @@ class MoeConfig(PretrainedConfig):
         first_k_dense_replace: int = 0,
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
-        router_balance: str = "aux",  # none | aux | global | sequence | bias | bias+aux | bias+global | bias+sequence
+        router_balance: str = "aux",  # none | aux | global | sequence
+        router_expert_bias: bool = False,
         router_score_func: str = "softmax",  # softmax | sigmoid
         router_norm_topk_prob: bool | None = None,  # None: for k > 1
         router_scaling_factor: float = 1.0,  # routed_scaling_factor: multiplies the routed experts' weights
         router_n_group: int | None = None,  # group-limited routing (n_group = ep_size: one group per rank) ...
         router_topk_group: int | None = None,  # ... of which each token may use topk_group
-        router_bias_update_rate: float = 0.001,  # with the expert bias: the bias moves this much per step
+        router_bias_update_rate: float = 0.001,  # with router_expert_bias: the bias moves this much per step
         moe_backend: str = "deepspeed",  # deepspeed | autoep
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
         **kwargs,
     ):
+        global _warned_bias_balance
+        if router_balance in _BIAS_BALANCES and not _warned_bias_balance:
+            _warned_bias_balance = True
+            loss = _BIAS_BALANCES[router_balance]
+            warnings.warn(f"MoeConfig: router_balance={router_balance!r} is the old spelling of router_balance="
+                          f"{loss!r} with router_expert_bias=True, and loads as that; write the new one (in the "
+                          f"recipe: model.router.balance={loss} model.router.expert_bias=true).", FutureWarning,
+                          stacklevel=2)
+        router_balance, router_expert_bias = _split_bias_balance(router_balance, router_expert_bias)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -203,6 +224,7 @@ class MoeConfig(PretrainedConfig):
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
         self.router_balance = router_balance
+        self.router_expert_bias = router_expert_bias
         self.router_score_func = router_score_func
         self.router_norm_topk_prob = router_norm_topk_prob
         self.router_scaling_factor = router_scaling_factor
@@ -297,12 +319,11 @@ class MoeConfig(PretrainedConfig):
             warnings.warn(f"MoeConfig: {message}", stacklevel=3)
 
     def validate_router(self, fail: Callable[[Message], None]) -> None:
-        try:
-            parse_balance(self.router_balance)
-        except ValueError:
-            fail(lambda n: f"{n('router_balance')}={self.router_balance!r} must be 'none', one of "
-                 f"{list(BALANCE_LOSSES)}, 'bias', or 'bias+' one of those losses (e.g. 'bias+sequence', DeepSeek-V3's "
-                 "pairing).")
+        if self.router_balance not in ROUTER_BALANCES:
+            fail(lambda n: f"{n('router_balance')}={self.router_balance!r} must be one of {list(ROUTER_BALANCES)} "
+                 f"(the balancing loss); the expert bias is {n('router_expert_bias')}=true, beside any of them.")
+        if not isinstance(self.router_expert_bias, bool):
+            fail(lambda n: f"{n('router_expert_bias')}={self.router_expert_bias!r} must be true or false.")
         if self.router_score_func not in SCORE_FUNCS:
             fail(lambda n: f"{n('router_score_func')}={self.router_score_func!r} must be one of {list(SCORE_FUNCS)}.")
         if self.router_scaling_factor <= 0:
@@ -331,7 +352,6 @@ class MoeConfig(PretrainedConfig):
     def ineffective_settings(self) -> list[str]:
         """Settings that are accepted but change nothing with this config: each one a message that says why."""
         k, messages = self.num_experts_per_tok, []
-        loss, uses_bias = self.balance_loss, self.uses_expert_bias
         deepspeed_gate = self.backend_support.capacity and self.uses_deepspeed_gate
         if self.use_rts and (k != 1 or not deepspeed_gate):
             messages.append("use_rts (Random Token Selection) acts only in DeepSpeed's top-1 gate; it has no effect "
@@ -341,24 +361,23 @@ class MoeConfig(PretrainedConfig):
                 k != 2 or not deepspeed_gate):
             messages.append("top2_2nd_expert_sampling acts only in DeepSpeed's top-2 gate; it has no effect here; "
                             "set top2_2nd_expert_sampling=false.")
-        if loss is None and self.router_aux_loss_coef > 0:
+        if self.balance_loss is None and self.router_aux_loss_coef > 0:
             messages.append(f"router_aux_loss_coef={self.router_aux_loss_coef} has no effect with router_balance="
                             f"{self.router_balance!r} (no balancing loss); set it to 0, or use "
-                            "router_balance='bias+sequence' for DeepSeek-V3's small sequence-wise loss.")
-        if not uses_bias and self.router_bias_update_rate != 0.001:
-            messages.append("router_bias_update_rate has no effect without the expert bias (router_balance='bias' "
-                            "or 'bias+...').")
+                            "router_balance='sequence' for DeepSeek-V3's small sequence-wise loss.")
+        if not self.router_expert_bias and self.router_bias_update_rate != 0.001:
+            messages.append("router_bias_update_rate has no effect without the expert bias (router_expert_bias=true).")
         return messages
 
     @property
     def balance_loss(self) -> str | None:
-        """The balancing loss of `router_balance` ("aux", "global", "sequence") or None."""
-        return parse_balance(self.router_balance)[0]
+        """The balancing loss ("aux", "global", "sequence"), or None for router_balance="none"."""
+        return None if self.router_balance == "none" else self.router_balance
 
     @property
     def uses_expert_bias(self) -> bool:
         """Auxiliary-loss-free balancing: a per-expert bias on the scores for the top-k choice."""
-        return parse_balance(self.router_balance)[1]
+        return self.router_expert_bias
 
     @property
     def norm_topk(self) -> bool:
@@ -402,5 +421,5 @@ class MoeConfig(PretrainedConfig):
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
 
-__all__ = ["BALANCE_LOSSES", "MOE_BACKENDS", "SCORE_FUNCS", "MoeBackend", "MoeConfig", "MoeConfigError",
-           "backends_with", "parse_balance"]
+__all__ = ["MOE_BACKENDS", "ROUTER_BALANCES", "SCORE_FUNCS", "MoeBackend", "MoeConfig", "MoeConfigError",
+           "backends_with", "upgrade_config_dict"]

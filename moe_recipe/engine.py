@@ -200,7 +200,7 @@ def initialize_engine(model: MoeForCausalLM, cfg: RecipeConfig, ds_config: dict,
 
 
 def update_expert_bias(model: MoeForCausalLM, step_load_LE: torch.Tensor) -> None:
-    """Collective, after each optimizer step when router_balance uses the expert bias: sum this rank's routes per
+    """Collective, after each optimizer step with router_expert_bias: sum this rank's routes per
     expert over the step's micro batches (`step_load_LE`, from the outputs' `router_demand`) over all ranks, so every
     rank applies the same update from the load of the whole global batch, whatever the layout."""
     load_LE = step_load_LE.detach().clone()

@@ -39,7 +39,8 @@ BALANCE = {
     "none": ["model.router.balance=none", "model.router_aux_loss_coef=0.0"],
     "aux": ["model.router.balance=aux", "model.router_aux_loss_coef=0.1"],  # DeepSpeed's per-rank loss
     "global": ["model.router.balance=global", "model.router_aux_loss_coef=0.1"],
-    "bias": ["model.router.balance=bias", "model.router_aux_loss_coef=0.0", "model.router.bias_update_rate=0.01"],
+    "bias": ["model.router.balance=none", "model.router.expert_bias=true", "model.router_aux_loss_coef=0.0",
+             "model.router.bias_update_rate=0.01"],
 }
 
 deepspeed.init_distributed()

@@ -61,7 +61,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--jobs", required=True,
                     help="JSON list of {run_dir, ep_size, zero_stage, and optionally offload, precision, resume, "
                          "checkpoint_interval, model (overrides of MODEL), optim (OptimConfig fields), logits (a file "
-                         "to write)}; a model whose router.balance uses the expert bias trains with BiasTrainer")
+                         "to write)}; a model with router.expert_bias trains with BiasTrainer")
 args = parser.parse_args()
 
 deepspeed.init_distributed()

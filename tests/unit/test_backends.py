@@ -33,8 +33,9 @@ CASES = {
     # Routing DeepSpeed's gate cannot express: the native backend routes with MoeGate, AutoEP with its own router.
     "deepseek-v3-routing": dict(num_experts=8, num_experts_per_tok=3, num_shared_experts=1,
                                 router_score_func="sigmoid", router_n_group=4, router_topk_group=2,
-                                router_scaling_factor=2.5, router_norm_topk_prob=True, router_balance="bias+sequence"),
-    "softmax-bias-global": dict(num_experts_per_tok=2, router_balance="bias+global"),
+                                router_scaling_factor=2.5, router_norm_topk_prob=True, router_balance="sequence",
+                                router_expert_bias=True),
+    "softmax-bias-global": dict(num_experts_per_tok=2, router_balance="global", router_expert_bias=True),
     "top1-normalised-scaled": dict(num_experts_per_tok=1, router_norm_topk_prob=True, router_scaling_factor=0.5),
 }
 

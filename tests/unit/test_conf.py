@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from moe_model import MoeConfig, MoeForCausalLM
+from moe_model import MoeConfig, MoeForCausalLM, configuration_moe
 from moe_recipe.config import CONF_DIR, ModelConfig, RouterConfig, model_setting_name, moe_config_kwargs, validate
 from moe_recipe.engine import active_params_per_token, build_param_groups
 from moe_recipe.errors import CONFIG_ERRORS, config_error_message
@@ -52,6 +52,7 @@ def test_model_section_mirrors_moe_config():
     assert [model_setting_name(name) for name in ("hidden_size", "router_balance", "router_aux_loss_coef")] == [
         "hidden_size", "router.balance", "router_aux_loss_coef"]
     defaults = OmegaConf.to_container(OmegaConf.structured(ModelConfig))
+    assert defaults["router"]["expert_bias"] is False and "eval_capacity_factor" not in defaults
     assert list(defaults).index("router") == list(defaults).index("router_z_loss_coef") + 1
 
 
@@ -196,8 +197,10 @@ def test_param_groups_split_experts_and_skip_decay_on_norms():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.router.balance=foo"],
-     r"model.router.balance='foo' must be 'none', one of \['aux', 'global', 'sequence'\]"),
+    (["model.router.balance=foo"], r"model.router.balance='foo' must be one of \['none', 'aux', 'global', "
+                                   r"'sequence'\] \(the balancing loss\); the expert bias is "
+                                   r"model.router.expert_bias=true"),
+    (["model.router.balance=sequence+bias"], r"model.router.balance='sequence\+bias' must be one of"),
     (["model.router.n_group=4"], "model.router.n_group and model.router.topk_group go together"),
     (["model.router.score_func=relu"], r"model.router.score_func='relu' must be one of \['softmax', 'sigmoid'\]"),
     (["model.moe_backend=autoep", "model.use_residual=true"],
@@ -206,3 +209,28 @@ def test_param_groups_split_experts_and_skip_decay_on_norms():
 def test_model_settings_are_refused_by_their_recipe_names(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_recipe(overrides, world_size=1)
+
+
+def test_a_wrong_expert_bias_is_refused_while_composing():
+    with pytest.raises(CONFIG_ERRORS) as err:
+        load_recipe(["model.router.expert_bias=maybe"], world_size=1)
+    assert "model.router.expert_bias='maybe' is not true or false" in config_error_message(err.value)
+
+
+@pytest.mark.parametrize("balance", ["none", "aux", "global", "sequence"])
+@pytest.mark.parametrize("expert_bias", [False, True])
+def test_every_balancing_loss_goes_with_and_without_the_expert_bias(balance, expert_bias):
+    recipe = load_recipe([f"model.router.balance={balance}", f"model.router.expert_bias={expert_bias}",
+                          f"model.router_aux_loss_coef={0.0 if balance == 'none' else 0.01}"], world_size=1)
+    assert recipe.model.router_balance == balance and recipe.model.uses_expert_bias is expert_bias
+    assert recipe.model.balance_loss == (None if balance == "none" else balance)
+
+
+@pytest.mark.parametrize("old, balance", [("bias", "none"), ("bias+aux", "aux"), ("bias+global", "global"),
+                                          ("bias+sequence", "sequence")])
+def test_the_old_spelling_of_the_expert_bias_in_an_override_still_works(monkeypatch, old, balance):
+    monkeypatch.setattr(configuration_moe, "_warned_bias_balance", False)
+    with pytest.warns(FutureWarning, match=f"write the new one .*model.router.balance={balance} "
+                                           "model.router.expert_bias=true"):
+        recipe = load_recipe([f"model.router.balance={old}", "model.router_aux_loss_coef=0"], world_size=1)
+    assert (recipe.model.router_balance, recipe.model.router_expert_bias) == (balance, True)
