@@ -1,4 +1,5 @@
-"""Load balancing compared: the same model, tokens and seed trained with each `model.router.balance` method.
+"""Load balancing compared: the same model, tokens and seed trained with each balancing method: each
+`model.router.balance` loss, the expert bias alone (`bias`) and the bias beside the sequence loss (`bias+sequence`).
 
 Each method is one run of the real training entry point (recipes/train.py, one CPU process) on the embedded corpus:
 a tiny MoE with 16 experts (top-2) in each of 4 layers and DeepSpeed's capacity (factor 1.25, so imbalance shows as
@@ -34,8 +35,9 @@ METHODS = {  # method -> its overrides; the loss coefficient is the one each met
     "aux": ["model.router.balance=aux", "model.router_aux_loss_coef=0.01"],
     "global": ["model.router.balance=global", "model.router_aux_loss_coef=0.01"],
     "sequence": ["model.router.balance=sequence", "model.router_aux_loss_coef=0.01"],
-    "bias": ["model.router.balance=bias", "model.router_aux_loss_coef=0"],
-    "bias+sequence": ["model.router.balance=bias+sequence", "model.router_aux_loss_coef=0.0001"],
+    "bias": ["model.router.balance=none", "model.router.expert_bias=true", "model.router_aux_loss_coef=0"],
+    "bias+sequence": ["model.router.balance=sequence", "model.router.expert_bias=true",
+                      "model.router_aux_loss_coef=0.0001"],
 }
 MODEL = ["model.num_experts=16", "model.num_experts_per_tok=2", "model.num_hidden_layers=4",
          "model.capacity_factor=1.25", "model.drop_tokens=true"]

@@ -92,7 +92,7 @@ def worker(store: Path, steps: int, out: Path) -> None:
     import torch
     import torch.distributed as dist
 
-    from moe_recipe.config import load_recipe
+    from moe_recipe.recipe import load_recipe
     from moe_recipe.data import open_training_data
     from moe_recipe.engine import build_model, initialize_engine
     from moe_recipe.metrics import MetricsSink

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
 from moe_model import MoeConfig
-from moe_model.configuration_moe import parse_balance
+from moe_model.configuration_moe import upgrade_config_dict
 
 from .files import fsync_path, fsync_tree, write_atomic
 from .reshard import check_tensors_match, load_portable_state, save_portable_state, unsupported_reason
@@ -249,17 +249,16 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> ResumePoint | None:
 
 def check_model_matches(manifest: dict, config: MoeConfig, folder: Path) -> None:
     """Raise a ValueError naming every architecture field where the checkpoint and this run's model differ."""
-    saved = manifest["model"]
+    saved = upgrade_config_dict(manifest["model"])
     diffs = []
     for key in ARCHITECTURE_KEYS:
         there, here = saved.get(key, _DEFAULTS.get(key)), getattr(config, key, _DEFAULTS.get(key))
         if there != here:
             diffs.append(f"model.{key}={there!r} there, {here!r} here")
     # The expert bias is model state (a buffer in every MoE layer): a run with it and a run without hold other tensors.
-    balance_there = saved.get("router_balance", "aux")
-    if parse_balance(balance_there)[1] != config.uses_expert_bias:
-        diffs.append(f"model.router.balance={balance_there!r} there, {config.router_balance!r} here (with and without "
-                     "the expert bias)")
+    bias_there = saved.get("router_expert_bias", False)
+    if bias_there != config.uses_expert_bias:
+        diffs.append(f"model.router.expert_bias={bias_there!r} there, {config.uses_expert_bias!r} here")
     if diffs:
         raise ValueError(f"checkpoint {folder} holds another model: {'; '.join(diffs)}. Resume with the model settings "
                          "it was trained with, or use a new trainer.run_dir to train this model from scratch.")
@@ -267,7 +266,7 @@ def check_model_matches(manifest: dict, config: MoeConfig, folder: Path) -> None
 
 def _warn_changed_settings(manifest: dict, config: MoeConfig, folder: Path) -> None:
     """Routing and loss settings may change between jobs; say which did."""
-    saved, current = manifest["model"], json.loads(config.to_json_string(use_diff=False))
+    saved, current = upgrade_config_dict(manifest["model"]), json.loads(config.to_json_string(use_diff=False))
     changed = sorted(key for key in saved.keys() & current.keys() - _UNCOMPARED_KEYS if saved[key] != current[key])
     if changed:
         log.warning("resuming %s with changed model settings: %s", folder,

@@ -2,92 +2,78 @@
 
 The dataclasses are also the schema Hydra composes into (a structured config registered in the ConfigStore as
 `recipe_schema`, the first entry of conf/config.yaml's defaults list): OmegaConf refuses an unknown key or a value of
-the wrong type, in a YAML file or an override, while the config is composed. `load_recipe` is the one way in:
-compose (or take what @hydra.main composed), type, validate, and derive what start-up needs exactly once.
+the wrong type, in a YAML file or an override, while the config is composed. The model section is MoeConfig's
+signature, generated from it. `validate` checks the rules across sections; recipe.py's `load_recipe` is the one way in.
 """
 
-import os
-import re
-import typing
-from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+import inspect
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedTokenizerBase
 
 from moe_model import MoeConfig
-from moe_model.configuration_moe import backends_with
+from moe_model.configuration_moe import MoeConfigError, backends_with
 
-from .data import DataConfig, load_tokenizer, tokenizer_path
-from .errors import unknown_key_message
+from .data import DataConfig
 from .lr_schedule import SCHEDULES, decay_steps
 from .resources import CONF_DIR  # noqa: F401  (the Hydra config groups, in a clone or a wheel)
-
-if TYPE_CHECKING:
-    from .checkpoint import ResumePoint
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 WANDB_MODES = ("disabled", "offline", "online")
 
 
-@dataclass
-class RouterConfig:
-    """How tokens choose experts and how the load is balanced: `model.router.<name>` is MoeConfig's
-    `router_<name>` (see its docstring)."""
-
-    balance: str = "aux"  # none | aux | global | sequence | bias | bias+aux | bias+global | bias+sequence
-    score_func: str = "softmax"  # softmax | sigmoid
-    norm_topk_prob: bool | None = None  # divide the chosen experts' weights by their sum; None: for k > 1
-    scaling_factor: float = 1.0  # routed_scaling_factor: multiplies the routed experts' weights
-    n_group: int | None = None  # group-limited routing: experts in n_group groups (n_group = ep_size: one per rank)
-    topk_group: int | None = None  # ... of which each token may use topk_group
-    bias_update_rate: float = 0.001  # balance=bias: the bias moves by this much per optimizer step
+# The model section is generated from MoeConfig.__init__'s keyword arguments, their types and defaults, so that each
+# setting and its default is written once (there). Left out: the tokenizer's token ids (the recipe sets them from the
+# tokenizer), the inference cache, and **kwargs (PretrainedConfig's own options).
+_NOT_MODEL_SETTINGS = ("self", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "kwargs")
+_FLAT_ROUTER_SETTINGS = ("router_aux_loss_coef", "router_z_loss_coef")  # the loss weights stay beside the others
 
 
-@dataclass
-class ModelConfig:
-    """The architecture and routing settings of `MoeConfig` (see its docstring), with its defaults; the `router`
-    section holds its `router_*` settings other than the loss weights. The parallel layout is not among them: it is
-    `parallel.ep_size`, applied when the model is built."""
+def _in_router_section(name: str) -> bool:
+    return name.startswith("router_") and name not in _FLAT_ROUTER_SETTINGS
 
-    vocab_size: int = 4096
-    hidden_size: int = 64
-    intermediate_size: int = 128  # dense layers' SwiGLU
-    moe_intermediate_size: int = 128  # each expert's SwiGLU
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads (which must then divide evenly)
-    max_position_embeddings: int = 256
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    noisy_gate_policy: str | None = None
-    use_rts: bool = False  # DeepSpeed's top-1 gate only (its default is true)
-    top2_2nd_expert_sampling: bool = False  # DeepSpeed's top-2 gate only (its default is true)
-    use_residual: bool = False
-    num_shared_experts: int = 0
-    moe_layer_freq: int = 1
-    first_k_dense_replace: int = 0
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    router: RouterConfig = field(default_factory=RouterConfig)
-    moe_backend: str = "deepspeed"
 
-    def moe_config_arguments(self) -> dict[str, Any]:
-        """MoeConfig's keyword arguments: the flat settings, and `router.<name>` as `router_<name>`."""
-        arguments = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "router"}
-        arguments.update({f"router_{f.name}": getattr(self.router, f.name) for f in fields(self.router)})
-        return arguments
+def _structured_config(name: str, fields_: list[tuple[str, Any, Any]], doc: str) -> type:
+    schema = make_dataclass(name, fields_, namespace={"__module__": __name__, "__doc__": doc})
+    schema.__qualname__ = name
+    return schema
+
+
+_MODEL_SETTINGS = [p for p in inspect.signature(MoeConfig.__init__).parameters.values()
+                   if p.name not in _NOT_MODEL_SETTINGS]
+
+RouterConfig = _structured_config(
+    "RouterConfig",
+    [(p.name.removeprefix("router_"), p.annotation, field(default=p.default))
+     for p in _MODEL_SETTINGS if _in_router_section(p.name)],
+    """How tokens choose experts and how the load is balanced: `model.router.<name>` is MoeConfig's `router_<name>`,
+    with its type and default (see its docstring).""")
+
+_flat = [(p.name, p.annotation, field(default=p.default)) for p in _MODEL_SETTINGS if not _in_router_section(p.name)]
+# The router section goes where MoeConfig lists its router settings (together), so saved configs keep that order.
+_router_at = next(i for i, p in enumerate(_MODEL_SETTINGS) if _in_router_section(p.name))
+ModelConfig = _structured_config(
+    "ModelConfig", [*_flat[:_router_at], ("router", RouterConfig, field(default_factory=RouterConfig)),
+                    *_flat[_router_at:]],
+    """The architecture and routing settings of `MoeConfig`: its keyword arguments with their types and defaults,
+    generated from its signature (see its docstring for what each does). The `router` section holds its `router_*`
+    settings other than the loss weights, without the prefix. Not among them: the layout (`parallel.ep_size`, applied
+    when the model is built), the tokenizer's token ids (set from data.tokenizer) and use_cache.""")
+
+
+def model_setting_name(name: str) -> str:
+    """MoeConfig's name for a field -> the model section's: `router_balance` -> `router.balance`, `hidden_size` ->
+    `hidden_size`."""
+    return f"router.{name.removeprefix('router_')}" if _in_router_section(name) else name
+
+
+def moe_config_kwargs(model: ModelConfig) -> dict[str, Any]:
+    """MoeConfig's keyword arguments from the typed model section: the flat settings, `router.<name>` as
+    `router_<name>`."""
+    kwargs = {f.name: getattr(model, f.name) for f in fields(model) if f.name != "router"}
+    kwargs.update({f"router_{f.name}": getattr(model.router, f.name) for f in fields(model.router)})
+    return kwargs
 
 
 @dataclass
@@ -157,108 +143,17 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     name: str = "default"
 
-    def model_config(self, **overrides) -> MoeConfig:
-        """The model's config; MoeConfig.validate runs on it (top-k, heads, layers, ...). The layout is not in it."""
+    def model_config(self) -> MoeConfig:
+        """The model's config; MoeConfig.validate runs on it (top-k, heads, layers, ...), and its errors name the model
+        section's settings (model.router.balance). The layout is not in it."""
         try:
-            return MoeConfig(**self.model.moe_config_arguments(), **overrides)
-        except ValueError as err:  # MoeConfig names its own fields; here they are the model section's
-            raise ValueError(model_setting_names(str(err).replace("MoeConfig: ", "model: ", 1))) from None
-
-
-def model_setting_names(message: str) -> str:
-    """MoeConfig's words for its fields -> the model section's (router_balance -> router.balance)."""
-    for f in fields(RouterConfig):
-        message = re.sub(rf"\brouter_{f.name}\b", f"router.{f.name}", message)
-    return message
+            return MoeConfig(**moe_config_kwargs(self.model))
+        except MoeConfigError as err:
+            raise ValueError(err.render(lambda name: f"model.{model_setting_name(name)}")) from None
 
 
 # conf/config.yaml names this schema first in its defaults list, so every section is typed while Hydra composes.
 ConfigStore.instance().store(name="recipe_schema", node=RecipeConfig)
-
-
-@dataclass
-class Recipe:
-    """A validated run: the typed config and what start-up derives from it, each built once and handed down."""
-
-    config: RecipeConfig
-    resolved: dict[str, Any]  # the resolved config, as saved in run_dir/config.yaml and sent to W&B
-    world_size: int
-    model: MoeConfig
-    total_steps: int
-    deepspeed: dict[str, Any]  # the DeepSpeed config (engine.build_deepspeed_config)
-    tokenizer: PreTrainedTokenizerBase | None
-    resume_from: "ResumePoint | None" = None  # the checkpoint recipes/train.py's preflight checked (check_resume)
-
-
-def world_size_from_env() -> int:
-    """The world size the launcher (torchrun, deepspeed, srun wrapper) announces, before any process group."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
-    """conf/config.yaml + Hydra overrides, as `recipes/train.py` composes them (typed by the schema)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
-
-
-def typed_config(config: DictConfig | dict) -> tuple[RecipeConfig, dict[str, Any]]:
-    """A composed config (or a plain dict, e.g. a saved config.yaml) -> the typed RecipeConfig and the resolved dict.
-    OmegaConf refuses wrong types and missing (???) values here; errors.config_error_message words its errors."""
-    config = OmegaConf.create(config) if isinstance(config, dict) else config
-    refuse_unknown_keys(config, RecipeConfig)
-    merged = OmegaConf.merge(OmegaConf.structured(RecipeConfig), config)
-    resolved = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
-    cfg = OmegaConf.to_object(merged)
-    cfg.optim.betas = tuple(cfg.optim.betas)  # OmegaConf holds tuples as lists
-    return cfg, resolved
-
-
-def refuse_unknown_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
-    """Hydra adds a key given with `+` (`+model.num_expert=8`) even to a typed section (it opens the struct flag for
-    additions), so the schema is enforced here too: a key the dataclass does not have is an error, not a no-op."""
-    hints = typing.get_type_hints(schema)
-    for key in node.keys():
-        if key not in hints:
-            raise ValueError(unknown_key_message(f"{prefix}{key}", schema))
-        if hasattr(hints[key], "__dataclass_fields__") and isinstance(node[key], DictConfig):
-            refuse_unknown_keys(node[key], hints[key], prefix=f"{prefix}{key}.")
-
-
-def load_recipe(config: DictConfig | Sequence[str] = (), world_size: int | None = None,
-                require_tokenizer: bool = True) -> Recipe:
-    """Compose, type and validate the recipe, then build the model config, the step count and the DeepSpeed config.
-
-    `config`: Hydra overrides (composed here from conf/), or the config @hydra.main composed. `world_size`: the
-    number of ranks (default: the launcher's WORLD_SIZE). The tokenizer (data.tokenizer) is loaded to check the
-    vocabulary against the model; `require_tokenizer=False` skips that check when the folder is absent (the
-    planner, on a machine without the data). Input the recipe refuses raises a ValueError that names the setting
-    and says what to change, or Hydra's / OmegaConf's own error, which errors.config_error_message words the same way.
-    """
-    composed = config if isinstance(config, DictConfig) else compose(config)
-    cfg, resolved = typed_config(composed)
-    tokenizer = None
-    if require_tokenizer or (tokenizer_path(cfg.data) / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(cfg.data)
-    return build_recipe(cfg, world_size_from_env() if world_size is None else world_size, tokenizer, resolved)
-
-
-def build_recipe(cfg: RecipeConfig, world_size: int, tokenizer: PreTrainedTokenizerBase | None = None,
-                 resolved: dict[str, Any] | None = None) -> Recipe:
-    """Validate a typed config and derive the model config, the step count and the DeepSpeed config from it."""
-    from .engine import build_deepspeed_config  # engine imports this module
-
-    model = validate(cfg, world_size, tokenizer_vocab_size=len(tokenizer) if tokenizer is not None else None)
-    if tokenizer is not None:
-        model.update({"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                      "eos_token_id": tokenizer.eos_token_id})
-    if resolved is None:
-        resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
-    total_steps = max_steps(cfg, world_size)
-    return Recipe(config=cfg, resolved=resolved, world_size=world_size, model=model, total_steps=total_steps,
-                  deepspeed=build_deepspeed_config(cfg, model, world_size), tokenizer=tokenizer)
 
 
 def global_batch_size(trainer: TrainerConfig, world_size: int) -> int:
@@ -271,21 +166,7 @@ def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | Non
     ep = cfg.parallel.ep_size
     if ep < 1:
         raise ValueError(f"parallel.ep_size={ep} must be >= 1.")
-    m = cfg.model
-    # MoeConfig derives head_dim by dividing: these come first, or a zero head count ends in ZeroDivisionError.
-    if m.num_attention_heads < 1:
-        raise ValueError(f"model.num_attention_heads={m.num_attention_heads} must be >= 1.")
-    if m.head_dim is None and m.hidden_size % m.num_attention_heads:
-        raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
-                         f"{m.num_attention_heads}; pick a head count that divides it, or set model.head_dim "
-                         "explicitly (the attention then projects to num_attention_heads * head_dim).")
-    for name in ("rope_theta", "rms_norm_eps"):
-        if getattr(m, name) <= 0:
-            raise ValueError(f"model.{name}={getattr(m, name)} must be > 0.")
-    if m.min_capacity < 0 or m.initializer_range < 0:
-        raise ValueError(f"model.min_capacity={m.min_capacity} and model.initializer_range={m.initializer_range} "
-                         "must be >= 0.")
-    model = cfg.model_config()  # MoeConfig.validate: top-k, heads, layers, ...
+    model = cfg.model_config()  # MoeConfig.validate: sizes, heads, top-k, layers, routing, ...
     model.validate_ep_size(ep)
     if world_size % ep:
         raise ValueError(f"parallel.ep_size={ep} does not divide the world size {world_size}; launch a multiple of "

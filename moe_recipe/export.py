@@ -100,7 +100,7 @@ def mixtral_blockers(config: MoeConfig) -> list[str]:
     if config.router_score_func != "softmax":
         blockers.append(f"router_score_func={config.router_score_func!r} (Mixtral's scores are a softmax)")
     if config.uses_expert_bias:
-        blockers.append(f"the expert bias (router_balance={config.router_balance!r}; Mixtral's router has none)")
+        blockers.append("the expert bias (router_expert_bias=True; Mixtral's router has none)")
     if config.router_n_group is not None:
         blockers.append(f"group-limited routing (router_n_group={config.router_n_group}, router_topk_group="
                         f"{config.router_topk_group})")

@@ -44,8 +44,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def compose_data_config(overrides: list[str]):
-    """The data section of the training config, composed and typed as recipes/train.py does (config.load_recipe)."""
-    from .config import compose, typed_config
+    """The data section of the training config, composed and typed as recipes/train.py does (recipe.load_recipe)."""
+    from .recipe import compose, typed_config
 
     return typed_config(compose(overrides))[0].data
 

@@ -1,5 +1,5 @@
 """Layout-independent training state: every parameter's fp32 master weight and Adam moments, under its global name,
-and the model's persistent buffers (the expert bias of router_balance "bias").
+and the model's persistent buffers (the expert bias, with router_expert_bias).
 
 DeepSpeed's native MoE checkpoint ties the optimizer state to the layout it was saved with: ZeRO shards are flat
 partitions of each rank's parameter groups, and which experts a rank holds depends on ep_size (its universal

@@ -21,10 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moe_recipe.checkpoint import check_resume
-from moe_recipe.config import CONF_DIR, Recipe, RecipeConfig, global_batch_size, load_recipe
+from moe_recipe.config import CONF_DIR, RecipeConfig, global_batch_size
 from moe_recipe.data import TrainingData, open_training_data
 from moe_recipe.engine import check_precision_supported
 from moe_recipe.errors import check_output_folder, refuse_bad_input
+from moe_recipe.recipe import Recipe, load_recipe
 
 log = logging.getLogger("moe_recipe")
 PREFIX = "Invalid configuration"

@@ -54,7 +54,7 @@ def train_rows(run_dir: Path) -> dict[int, dict]:
 
 def compose_recipe(*overrides: str):
     """conf/ and Hydra overrides -> the typed RecipeConfig, as load_recipe composes and types it (not validated)."""
-    from moe_recipe.config import compose, typed_config
+    from moe_recipe.recipe import compose, typed_config
 
     return typed_config(compose(overrides))[0]
 

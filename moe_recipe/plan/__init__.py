@@ -3,7 +3,7 @@
     moe-plan +experiment=small_ep8 --nodes 1 --gpus-per-node 8 --gpu h100
     python -m moe_recipe.plan model=mixtral_8x7b parallel.ep_size=8 zero=stage2 --nodes 4 --gpu h100 --json
 
-It takes the recipe's own Hydra config and overrides (composed, typed and validated by `config.load_recipe`, as recipes/train.py does)
+It takes the recipe's own Hydra config and overrides (composed, typed and validated by `recipe.load_recipe`, as recipes/train.py does)
 plus a cluster shape, and estimates per GPU: parameter, gradient, fp32 master and optimizer-state bytes under the
 ZeRO stage and the EP / expert-data-parallel groups (from the real model's optimizer groups, as DeepSpeed allocates
 them); activation memory with and without checkpointing; all-to-all and gradient-reduction bytes; a step time.

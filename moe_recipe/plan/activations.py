@@ -14,8 +14,9 @@ if TYPE_CHECKING:
     from moe_model import MoeConfig
 
 
-def expert_capacity(config: MoeConfig, tokens: int, training: bool = True) -> int:
-    """C: slots per expert in the [E, C, D] buffers, for `tokens` tokens on one rank (DeepSpeed's `_capacity`).
+def expert_capacity(config: MoeConfig, tokens: int) -> int:
+    """C: slots per expert in the [E, C, D] buffers, for `tokens` tokens on one rank while training (DeepSpeed's
+    `_capacity`; eval never drops tokens).
 
     DeepSpeed computes ceil(T / E * capacity_factor * k) in float32 and takes the max with min_capacity (which the
     model caps at T). With drop_tokens=false the buffers are sized by the busiest expert instead, at most T: that
@@ -23,9 +24,9 @@ def expert_capacity(config: MoeConfig, tokens: int, training: bool = True) -> in
     """
     if not config.drop_tokens:
         return tokens
-    factor = config.capacity_factor if training else config.eval_capacity_factor
     # The same float32 arithmetic as DeepSpeed, so rounding at the edges agrees.
-    capacity = int(torch.ceil((tokens / config.num_experts) * torch.tensor(factor * config.num_experts_per_tok)))
+    factor = config.capacity_factor * config.num_experts_per_tok
+    capacity = int(torch.ceil((tokens / config.num_experts) * torch.tensor(factor)))
     return max(capacity, min(config.min_capacity, tokens))
 
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # DeepSpeed logs to stdout (on import, and later): keep stdout for the report or the JSON document alone.
         with contextlib.redirect_stdout(sys.stderr):
-            from ..config import load_recipe  # imports the model, hence DeepSpeed
+            from ..recipe import load_recipe  # imports the model, hence DeepSpeed
 
             cluster = ClusterSpec.from_preset(
                 args.gpu, nodes=args.nodes, gpus_per_node=args.gpus_per_node, memory_gib=args.gpu_memory_gib,

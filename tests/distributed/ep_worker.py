@@ -17,8 +17,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from moe_recipe.config import Recipe, build_recipe, compose, typed_config
 from moe_recipe.engine import build_model, expert_parallel_rank, initialize_engine, recipe_grad_clip
+from moe_recipe.recipe import Recipe, build_recipe, compose, typed_config
 from moe_recipe.train_step import train_step
 
 parser = argparse.ArgumentParser()
@@ -34,7 +34,8 @@ BALANCE = {
     "none": ["model.router.balance=none", "model.router_aux_loss_coef=0.0"],
     "aux": ["model.router.balance=aux", "model.router_aux_loss_coef=0.1"],  # DeepSpeed's per-rank loss
     "global": ["model.router.balance=global", "model.router_aux_loss_coef=0.1"],
-    "bias": ["model.router.balance=bias", "model.router_aux_loss_coef=0.0", "model.router.bias_update_rate=0.01"],
+    "bias": ["model.router.balance=none", "model.router.expert_bias=true", "model.router_aux_loss_coef=0.0",
+             "model.router.bias_update_rate=0.01"],
 }
 
 deepspeed.init_distributed()

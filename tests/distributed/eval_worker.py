@@ -15,12 +15,12 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from moe_recipe.config import (DataConfig, LoggingConfig, ModelConfig, ParallelConfig, RecipeConfig, TrainerConfig,
-                               build_recipe)
+from moe_recipe.config import DataConfig, LoggingConfig, ModelConfig, ParallelConfig, RecipeConfig, TrainerConfig
 from moe_recipe.data import TrainingData, load_tokenizer, open_store, store_from_tokens, tokenizer_fingerprint
 from moe_recipe.data.sampler import Component
 from moe_recipe.engine import build_model, initialize_engine
 from moe_recipe.metrics import MetricsSink
+from moe_recipe.recipe import build_recipe
 from moe_recipe.trainer import Trainer
 
 MICRO_BATCH, EVAL_BATCHES, SEQ, VOCAB = 2, 3, 16, 128

@@ -14,9 +14,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 
-from moe_recipe.config import Recipe, load_recipe
 from moe_recipe.engine import build_model, initialize_engine, recipe_grad_clip
-from moe_recipe.train_step import train_step
 from moe_recipe.plan import (
     ClusterSpec,
     build_plan,
@@ -24,6 +22,8 @@ from moe_recipe.plan import (
     planned_precision,
     state_memory,
 )
+from moe_recipe.recipe import Recipe, load_recipe
+from moe_recipe.train_step import train_step
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)

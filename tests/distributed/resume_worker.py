@@ -18,11 +18,12 @@ import torch.distributed as dist
 from moe_recipe.callbacks import Callback, build_callbacks
 from moe_recipe.checkpoint import check_resume
 from moe_recipe.config import (DataConfig, LoggingConfig, ModelConfig, OptimConfig, ParallelConfig, RecipeConfig,
-                               RouterConfig, TrainerConfig, ZeroConfig, build_recipe)
+                               RouterConfig, TrainerConfig, ZeroConfig)
 from moe_recipe.data import TrainingData, load_tokenizer, open_store, store_from_tokens, tokenizer_fingerprint
 from moe_recipe.data.sampler import Component
 from moe_recipe.engine import build_model, initialize_engine, recipe_grad_clip
 from moe_recipe.metrics import MetricsSink
+from moe_recipe.recipe import build_recipe
 from moe_recipe.trainer import Trainer
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ, VOCAB, STEPS = 8, 2, 16, 128, 6

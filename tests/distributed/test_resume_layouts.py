@@ -34,9 +34,10 @@ CASES = {
 # (DeepSeek-V3's routing: sigmoid scores, one group of 2 experts = one EP rank per token, bias + sequence loss) and
 # at the same layout through DeepSpeed's own load, in bf16 (DeepSpeed casts the weights, not the fp32 buffers).
 WSD = {"schedule": "wsd", "decay_fraction": 0.5}
-DEEPSEEK_V3_ROUTING = {"router": {"balance": "bias+sequence", "score_func": "sigmoid", "norm_topk_prob": True,
-                                  "scaling_factor": 2.5, "n_group": 2, "topk_group": 1}, "router_aux_loss_coef": 1e-3}
-BIAS = {"router": {"balance": "bias"}, "router_aux_loss_coef": 0.0}
+DEEPSEEK_V3_ROUTING = {"router": {"balance": "sequence", "expert_bias": True, "score_func": "sigmoid",
+                                  "norm_topk_prob": True, "scaling_factor": 2.5, "n_group": 2, "topk_group": 1},
+                       "router_aux_loss_coef": 1e-3}
+BIAS = {"router": {"balance": "none", "expert_bias": True}, "router_aux_loss_coef": 0.0}
 OTHER_CASES = {
     "offload_ep2_to_ep2xdp2": ({"world": 2, "ep_size": 2, "zero_stage": 2, "offload": True, "optim": WSD},
                                {"world": 4, "ep_size": 2, "zero_stage": 2, "offload": True, "optim": WSD}),

@@ -12,7 +12,7 @@ import torch
 from moe_model import MoeForCausalLM
 from moe_model.routing import route_tokens
 from moe_recipe import analyze_routing
-from moe_recipe.config import load_recipe
+from moe_recipe.recipe import load_recipe
 from moe_recipe.export import export
 from tests.helpers import REPO, run_command
 from tests.wandb_records import history_and_config
@@ -105,9 +105,10 @@ def deepseek_v3_folder(tmp_path_factory) -> Path:
     """A tiny model with DeepSeek-V3's routing (sigmoid scores, 2 groups of 4 experts, 1 group per token, scaling,
     the expert bias), its bias set as training would have moved it."""
     folder = tmp_path_factory.mktemp("hf-v3") / "model"
-    recipe = load_recipe(["model.router.balance=bias+sequence", "model.router.score_func=sigmoid",
-                          "model.router.norm_topk_prob=true", "model.router.scaling_factor=2.5",
-                          "model.router.n_group=2", "model.router.topk_group=1"], world_size=1)
+    recipe = load_recipe(["model.router.balance=sequence", "model.router.expert_bias=true",
+                          "model.router.score_func=sigmoid", "model.router.norm_topk_prob=true",
+                          "model.router.scaling_factor=2.5", "model.router.n_group=2", "model.router.topk_group=1"],
+                         world_size=1)
     torch.manual_seed(0)
     model = MoeForCausalLM(recipe.model)
     with torch.no_grad():

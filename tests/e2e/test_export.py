@@ -25,8 +25,8 @@ TRAIN = REPO / "recipes" / "train.py"
 WORKER = REPO / "tests" / "distributed" / "resume_worker.py"
 pytestmark = pytest.mark.e2e
 STEPS = 6  # overrides() trains 6 steps; resume_worker.py, loading a step-6 checkpoint, trains no further
-BIAS_ROUTING = {"router": {"balance": "bias", "score_func": "sigmoid", "norm_topk_prob": True, "scaling_factor": 2.5,
-                           "n_group": 2, "topk_group": 1}, "router_aux_loss_coef": 0.0}
+BIAS_ROUTING = {"router": {"balance": "none", "expert_bias": True, "score_func": "sigmoid", "norm_topk_prob": True,
+                           "scaling_factor": 2.5, "n_group": 2, "topk_group": 1}, "router_aux_loss_coef": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(trained, tmp
         ({"first_k_dense_replace": 1}, "dense layers"),
         ({"num_experts_per_tok": 1}, "top-1 routing"),
         ({"router_score_func": "sigmoid"}, "router_score_func='sigmoid'"),
-        ({"router_balance": "bias+sequence"}, "the expert bias (router_balance='bias+sequence'"),
+        ({"router_balance": "sequence", "router_expert_bias": True}, "the expert bias (router_expert_bias=True"),
         ({"router_n_group": 2, "router_topk_group": 1}, "group-limited routing (router_n_group=2"),
         ({"router_scaling_factor": 2.5}, "router_scaling_factor=2.5"),
         ({"router_norm_topk_prob": False}, "router_norm_topk_prob=false"),

@@ -18,8 +18,9 @@ from moe_model import MOE_BACKENDS, MoeConfig, MoeForCausalLM
 from moe_model.modeling_moe import MoeCausalLMOutputWithPast
 from moe_model.moe_blocks import MoeAutoEPBlock, MoeSparseBlock, autoep_layer_settings
 from moe_model.routing import MoeRoutingMetrics, route_tokens
-from moe_recipe.config import load_recipe, validate
+from moe_recipe.config import validate
 from moe_recipe.export import mixtral_blockers
+from moe_recipe.recipe import load_recipe
 from tests.helpers import compose_recipe
 
 # Layer 0 dense, layers 1 and 2 MoE; std 0.2 gives O(1) outputs and peaked routers, so tolerances mean something.
@@ -34,8 +35,9 @@ CASES = {
     # Routing DeepSpeed's gate cannot express: the native backend routes with MoeGate, AutoEP with its own router.
     "deepseek-v3-routing": dict(num_experts=8, num_experts_per_tok=3, num_shared_experts=1,
                                 router_score_func="sigmoid", router_n_group=4, router_topk_group=2,
-                                router_scaling_factor=2.5, router_norm_topk_prob=True, router_balance="bias+sequence"),
-    "softmax-bias-global": dict(num_experts_per_tok=2, router_balance="bias+global"),
+                                router_scaling_factor=2.5, router_norm_topk_prob=True, router_balance="sequence",
+                                router_expert_bias=True),
+    "softmax-bias-global": dict(num_experts_per_tok=2, router_balance="global", router_expert_bias=True),
     "top1-normalised-scaled": dict(num_experts_per_tok=1, router_norm_topk_prob=True, router_scaling_factor=0.5),
 }
 

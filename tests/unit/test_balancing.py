@@ -9,11 +9,15 @@ Shape legend: B batch, S sequence, T tokens, E experts, k experts per token, L M
 """
 
 import itertools
+import json
 import math
+import re
 
 import pytest
 import torch
 
+from moe_model import MoeConfig, configuration_moe
+from moe_model.configuration_moe import ROUTER_BALANCES, MoeConfigError, upgrade_config_dict
 from moe_model.moe_blocks import MoeGate, MoeSparseBlock
 from moe_model.routing import expert_bias_delta, global_balancing_loss, route_tokens, sequence_balancing_loss
 
@@ -50,7 +54,8 @@ ROUTINGS = {
     "sigmoid-top3-normalised-scaled": dict(router_score_func="sigmoid", num_experts_per_tok=3,
                                            router_norm_topk_prob=True, router_scaling_factor=2.5),
     "sigmoid-groups-bias": dict(router_score_func="sigmoid", num_experts_per_tok=4, router_n_group=4,
-                                router_topk_group=2, router_norm_topk_prob=True, router_balance="bias"),
+                                router_topk_group=2, router_norm_topk_prob=True, router_balance="none",
+                                router_expert_bias=True),
     "softmax-groups-unnormalised": dict(router_score_func="softmax", num_experts_per_tok=2, router_n_group=2,
                                         router_topk_group=1, router_norm_topk_prob=False),
 }
@@ -78,8 +83,8 @@ def test_route_tokens_matches_the_per_token_reference(tiny_config, overrides):
 
 
 def test_the_bias_changes_the_choice_but_not_the_weights(tiny_config):
-    config = tiny_config(num_experts=8, num_experts_per_tok=2, router_balance="bias", router_aux_loss_coef=0.0,
-                         router_norm_topk_prob=False)
+    config = tiny_config(num_experts=8, num_experts_per_tok=2, router_expert_bias=True, router_balance="none",
+                         router_aux_loss_coef=0.0, router_norm_topk_prob=False)
     logits_TE = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
     bias_E = torch.zeros(8)
     bias_E[5] = 10.0  # expert 5 wins every choice
@@ -153,12 +158,13 @@ def test_bias_update_follows_the_sign_rule():
 # --- the model around them -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("balance", ["aux", "global", "sequence", "bias+sequence", "bias", "none"])
-def test_model_adds_the_configured_balancing_loss(tiny_model, balance):
-    coef = 0.0 if balance in ("bias", "none") else 0.1
+@pytest.mark.parametrize("balance, expert_bias", [("aux", False), ("global", False), ("sequence", False),
+                                                   ("sequence", True), ("none", True), ("none", False)])
+def test_model_adds_the_configured_balancing_loss(tiny_model, balance, expert_bias):
+    coef = 0.0 if balance == "none" else 0.1
     model = tiny_model(**WIDE_INIT, num_experts=8, num_experts_per_tok=2, drop_tokens=False, num_hidden_layers=3,
-                       first_k_dense_replace=1, router_balance=balance, router_aux_loss_coef=coef,
-                       router_z_loss_coef=0.01).train()
+                       first_k_dense_replace=1, router_balance=balance, router_expert_bias=expert_bias,
+                       router_aux_loss_coef=coef, router_z_loss_coef=0.01).train()
     input_ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
     out = model(input_ids, labels=input_ids, output_router_logits=True)
     layer_aux_loss = model.routing_metrics().aux_loss_L  # one forward: each layer's loss
@@ -169,7 +175,7 @@ def test_model_adds_the_configured_balancing_loss(tiny_model, balance):
         probs_TE = torch.softmax(logits_TE, -1)
         if balance == "global":  # one process: the whole batch is this rank's
             expected_L.append(global_balancing_loss(probs_TE, experts_Tk))
-        elif balance.endswith("sequence"):
+        elif balance == "sequence":
             expected_L.append(sequence_balancing_loss(probs_TE, experts_Tk, batch_size=2))
         elif balance == "aux":
             expected_L.append(layer_aux_loss[len(expected_L)])  # DeepSpeed's, checked in test_routing.py
@@ -181,12 +187,14 @@ def test_model_adds_the_configured_balancing_loss(tiny_model, balance):
     out.loss.backward()
     router_grads = [layer.mlp.router_weight.grad for layer in model.moe_layers()]
     assert all(grad is not None and grad.abs().sum() > 0 for grad in router_grads)
-    if model.config.uses_expert_bias:
+    assert model.config.uses_expert_bias is expert_bias
+    if expert_bias:
         assert model.expert_bias().shape == (2, 8) and not model.expert_bias().requires_grad
 
 
 def test_expert_bias_is_a_buffer_moved_only_by_the_routers_post_step(tiny_model, tmp_path):
-    model = tiny_model(num_experts=8, router_balance="bias", router_aux_loss_coef=0.0, router_bias_update_rate=0.5)
+    model = tiny_model(num_experts=8, router_balance="none", router_expert_bias=True, router_aux_loss_coef=0.0,
+                       router_bias_update_rate=0.5)
     names = [name for name, _ in model.named_buffers() if name.endswith("e_score_correction_bias")]
     assert names == [f"model.layers.{i}.mlp.moe.deepspeed_moe.gate.e_score_correction_bias" for i in (0, 1)]
     assert not any("e_score_correction_bias" in name for name, _ in model.named_parameters())
@@ -222,12 +230,12 @@ def test_expert_bias_is_a_buffer_moved_only_by_the_routers_post_step(tiny_model,
     pytest.param(dict(num_experts_per_tok=2), id="deepspeed-gate"),
     pytest.param(dict(num_experts_per_tok=1), id="deepspeed-top1-gate"),
     pytest.param(dict(num_experts_per_tok=3, router_score_func="sigmoid", router_n_group=4, router_topk_group=2,
-                      router_balance="bias"), id="moe-gate"),
+                      router_balance="none", router_expert_bias=True), id="moe-gate"),
 ])
 def test_eval_logits_of_a_sequence_do_not_depend_on_its_batch(tiny_model, backend, routing):
     """Trained with a capacity that drops routes, but evaluated dropless: a sequence alone gives the same logits
     as inside a batch of 8 random others."""
-    coef = {"router_aux_loss_coef": 0.0} if routing.get("router_balance") == "bias" else {}
+    coef = {"router_aux_loss_coef": 0.0} if routing.get("router_balance") == "none" else {}
     model = tiny_model(**WIDE_INIT, num_experts=8, drop_tokens=backend == "deepspeed", capacity_factor=0.5,
                        min_capacity=0, moe_backend=backend, **routing, **coef)
     input_ids = torch.randint(0, model.config.vocab_size, (9, 12), generator=torch.Generator().manual_seed(1))
@@ -269,8 +277,10 @@ def test_moe_gate_drops_first_choices_last_and_in_token_order(tiny_model):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(router_balance="global+sequence"), "router_balance='global\\+sequence' must be"),
+    (dict(router_balance="global+sequence"), "router_balance='global\\+sequence' must be one of"),
     (dict(router_balance="bais"), "router_balance='bais' must be"),
+    (dict(router_balance="sequence+bias"), "router_balance='sequence\\+bias' must be"),
+    (dict(router_expert_bias="true"), "router_expert_bias='true' must be true or false"),
     (dict(router_score_func="relu"), "router_score_func='relu' must be one of"),
     (dict(router_n_group=3), "router_n_group and router_topk_group go together"),
     (dict(num_experts=8, router_n_group=3, router_topk_group=1), "router_n_group=3 must divide num_experts=8"),
@@ -282,17 +292,49 @@ def test_moe_gate_drops_first_choices_last_and_in_token_order(tiny_model):
     (dict(router_scaling_factor=0.0), "router_scaling_factor=0.0 must be > 0"),
 ])
 def test_router_settings_are_validated(tiny_config, overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(MoeConfigError, match=message) as err:
         tiny_config(**overrides)
+    assert str(err.value).startswith("MoeConfig: ")
+
+
+@pytest.mark.parametrize("balance", ROUTER_BALANCES)
+@pytest.mark.parametrize("expert_bias", [False, True])
+def test_every_balancing_loss_goes_with_and_without_the_expert_bias(tiny_config, balance, expert_bias):
+    config = tiny_config(router_balance=balance, router_expert_bias=expert_bias,
+                         router_aux_loss_coef=0.0 if balance == "none" else 0.01)
+    assert config.balance_loss == (None if balance == "none" else balance)
+    assert config.uses_expert_bias is expert_bias
+
+
+@pytest.mark.parametrize("old, balance", [("bias", "none"), ("bias+aux", "aux"), ("bias+global", "global"),
+                                          ("bias+sequence", "sequence")])
+def test_a_saved_config_with_the_bias_spelled_in_router_balance_loads_with_one_warning(tiny_config, tmp_path,
+                                                                                        monkeypatch, old, balance):
+    """config.json of an export written before router_expert_bias existed; also eval_capacity_factor, dropped."""
+    saved = tiny_config(router_aux_loss_coef=0.0).to_dict()
+    del saved["router_expert_bias"]
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "router_balance": old, "eval_capacity_factor": 2.0}))
+    monkeypatch.setattr(configuration_moe, "_warned_bias_balance", False)
+    with pytest.warns(FutureWarning, match=rf"router_balance='{re.escape(old)}' is the old spelling of router_balance="
+                                           rf"'{balance}' with router_expert_bias=True") as warned:
+        config = MoeConfig.from_pretrained(tmp_path)
+        MoeConfig.from_pretrained(tmp_path)  # once per process
+    assert len([w for w in warned if issubclass(w.category, FutureWarning)]) == 1
+    assert (config.router_balance, config.router_expert_bias, config.balance_loss) == (
+        balance, True, None if balance == "none" else balance)
+    assert not hasattr(config, "eval_capacity_factor") and "eval_capacity_factor" not in config.to_dict()
+    upgraded = upgrade_config_dict({**saved, "router_balance": old, "eval_capacity_factor": 2.0})  # no warning
+    assert (upgraded["router_balance"], upgraded["router_expert_bias"]) == (balance, True)
+    assert "eval_capacity_factor" not in upgraded
 
 
 @pytest.mark.parametrize("overrides, warning", [
     (dict(num_experts_per_tok=2, use_rts=True), "use_rts .* has no effect with num_experts_per_tok=2"),
     (dict(num_experts_per_tok=1, use_rts=True, router_score_func="sigmoid"), "use_rts .* or this routing"),
     (dict(num_experts_per_tok=3, top2_2nd_expert_sampling=True), "top2_2nd_expert_sampling acts only"),
-    (dict(router_balance="bias"), "router_aux_loss_coef=0.01 has no effect with router_balance='bias'"),
+    (dict(router_balance="none", router_expert_bias=True), "router_aux_loss_coef=0.01 has no effect with "
+                                                           "router_balance='none'"),
     (dict(router_bias_update_rate=0.01), "router_bias_update_rate has no effect without the expert bias"),
-    (dict(eval_capacity_factor=2.0), "eval_capacity_factor has no effect"),
 ])
 def test_settings_without_effect_warn(tiny_config, overrides, warning):
     with pytest.warns(UserWarning, match=warning):

@@ -2,13 +2,14 @@
 manifest once."""
 
 import json
+import logging
 import warnings
 
 import pytest
 
 from moe_model import MoeConfig
 from moe_recipe import checkpoint
-from moe_recipe.checkpoint import FORMAT, MANIFEST, ResumePoint, check_model_matches, check_resume
+from moe_recipe.checkpoint import FORMAT, MANIFEST, ResumePoint, _warn_changed_settings, check_model_matches, check_resume
 
 
 def manifest_of(config: MoeConfig) -> dict:
@@ -18,16 +19,17 @@ def manifest_of(config: MoeConfig) -> dict:
 def test_the_expert_bias_cannot_be_switched_on_or_off_between_jobs(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # router_aux_loss_coef without a loss
-        with_bias = MoeConfig(router_balance="bias")
+        with_bias = MoeConfig(router_balance="none", router_expert_bias=True)
     without_bias = MoeConfig(router_balance="aux")
     check_model_matches(manifest_of(without_bias), MoeConfig(router_balance="global"), tmp_path)  # a loss may change
-    check_model_matches(manifest_of(with_bias), MoeConfig(router_balance="bias+sequence"), tmp_path)
-    with pytest.raises(ValueError, match=r"model.router.balance='aux' there, 'bias' here \(with and without"):
+    check_model_matches(manifest_of(with_bias), MoeConfig(router_balance="sequence", router_expert_bias=True),
+                        tmp_path)
+    with pytest.raises(ValueError, match=r"model.router.expert_bias=False there, True here"):
         check_model_matches(manifest_of(without_bias), with_bias, tmp_path)
-    with pytest.raises(ValueError, match=r"model.router.balance='bias' there, 'aux' here"):
+    with pytest.raises(ValueError, match=r"model.router.expert_bias=True there, False here"):
         check_model_matches(manifest_of(with_bias), without_bias, tmp_path)
     old = manifest_of(without_bias)
-    del old["model"]["router_balance"]  # saved before the setting existed: DeepSpeed's aux loss, no bias
+    del old["model"]["router_balance"], old["model"]["router_expert_bias"]  # saved before either setting existed
     check_model_matches(old, without_bias, tmp_path)
 
 
@@ -52,3 +54,25 @@ def test_resume_reads_the_manifest_once_and_hands_it_on(tmp_path, monkeypatch):
     assert isinstance(resume, ResumePoint) and resume.path == tmp_path / "step_00000002" and resume.step == 2
     assert resume.manifest["files"] == {"rng_rank00000.bin": 4}
     assert check_resume("none", tmp_path / "elsewhere", config) is None
+
+
+@pytest.mark.parametrize("old_balance, balance", [("bias", "none"), ("bias+aux", "aux"), ("bias+global", "global"),
+                                                  ("bias+sequence", "sequence")])
+def test_a_manifest_with_the_bias_spelled_in_router_balance_resumes_as_the_same_model(tmp_path, caplog, old_balance,
+                                                                                       balance):
+    """Checkpoints written before router_expert_bias existed: router_balance 'bias+sequence', eval_capacity_factor.
+    The run that resumes them spells it balance=sequence expert_bias=true: the same model, and no changed setting."""
+    config = MoeConfig(router_balance=balance, router_expert_bias=True, router_aux_loss_coef=0.0)
+    old = manifest_of(config)
+    del old["model"]["router_expert_bias"]
+    old["model"].update(router_balance=old_balance, eval_capacity_factor=1.0)
+    check_model_matches(old, config, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="moe_recipe.checkpoint"):
+        _warn_changed_settings(old, config, tmp_path)
+        assert caplog.text == ""
+        changed = MoeConfig(router_balance=balance, router_expert_bias=True, router_aux_loss_coef=0.0,
+                            router_bias_update_rate=0.01)
+        _warn_changed_settings(old, changed, tmp_path)
+    assert "changed model settings: router_bias_update_rate 0.001 -> 0.01" in caplog.text
+    with pytest.raises(ValueError, match=r"model.router.expert_bias=True there, False here"):
+        check_model_matches(old, MoeConfig(router_balance=balance, router_aux_loss_coef=0.0), tmp_path)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from moe_model import MoeConfig, MoeForCausalLM
-from moe_recipe.config import CONF_DIR, ModelConfig, compose, load_recipe, typed_config, validate
+from moe_model import MoeConfig, MoeForCausalLM, configuration_moe
+from moe_recipe.config import CONF_DIR, ModelConfig, RouterConfig, model_setting_name, moe_config_kwargs, validate
 from moe_recipe.engine import build_param_groups
 from moe_recipe.errors import CONFIG_ERRORS, config_error_message
 from moe_recipe.flops import active_params_per_token
+from moe_recipe.recipe import compose, load_recipe, typed_config
 
 
 def group_options(group: str) -> list[str]:
@@ -42,10 +43,18 @@ def test_logging_and_data_options_compose(option):
 def test_model_section_mirrors_moe_config():
     """Every architecture and routing argument of MoeConfig is a typed model setting with MoeConfig's default; the
     layout (ep_size), the tokenizer's token ids and the inference cache are not settings."""
-    not_settings = {"self", "kwargs", "ep_size", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id"}
+    not_settings = {"self", "kwargs", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id"}
     arguments = {name: p.default for name, p in inspect.signature(MoeConfig.__init__).parameters.items()
                  if name not in not_settings}
-    assert ModelConfig().moe_config_arguments() == arguments
+    assert moe_config_kwargs(ModelConfig()) == arguments
+    router = {f"router_{name}" for name in RouterConfig.__dataclass_fields__}
+    assert router == {name for name in arguments if name.startswith("router_")} - {"router_aux_loss_coef",
+                                                                                  "router_z_loss_coef"}
+    assert [model_setting_name(name) for name in ("hidden_size", "router_balance", "router_aux_loss_coef")] == [
+        "hidden_size", "router.balance", "router_aux_loss_coef"]
+    defaults = OmegaConf.to_container(OmegaConf.structured(ModelConfig))
+    assert defaults["router"]["expert_bias"] is False and "eval_capacity_factor" not in defaults
+    assert list(defaults).index("router") == list(defaults).index("router_z_loss_coef") + 1
 
 
 def test_model_sizes_match_their_names():
@@ -69,14 +78,17 @@ def test_model_sizes_match_their_names():
         (["zero.stage=3"], 1, "zero.stage=3 is not supported"),
         (["zero.offload_optimizer=true"], 1, "needs zero.stage >= 1"),
         (["data.seq_len=1024"], 1, "longer than model.max_position_embeddings"),
-        (["model.num_key_value_heads=3"], 1, "num_attention_heads=4 is not divisible by num_key_value_heads=3"),
+        (["model.num_key_value_heads=3"], 1,
+         "model.num_attention_heads=4 is not divisible by model.num_key_value_heads=3"),
         (["model.hidden_size=66"], 1, "model.hidden_size=66 is not divisible by model.num_attention_heads=4"),
-        (["model.num_experts_per_tok=9"], 1, "model: num_experts_per_tok=9 (top-k) exceeds num_experts=8"),
-        (["model.num_hidden_layers=0"], 1, "model: num_hidden_layers=0 must be >= 1"),
+        (["model.num_experts_per_tok=9"], 1, "model.num_experts_per_tok=9 (top-k) exceeds model.num_experts=8"),
+        (["model.num_hidden_layers=0"], 1, "model.num_hidden_layers=0 must be >= 1"),
         (["model.num_attention_heads=0"], 1, "model.num_attention_heads=0 must be >= 1"),
+        (["model.num_attention_heads=0", "model.head_dim=8"], 1, "model.num_attention_heads=0 must be >= 1"),
         (["model.rope_theta=-1"], 1, "model.rope_theta=-1.0 must be > 0"),
         (["model.rms_norm_eps=0"], 1, "model.rms_norm_eps=0.0 must be > 0"),
-        (["model.min_capacity=-1"], 1, "model.min_capacity=-1 and model.initializer_range=0.02 must be >= 0"),
+        (["model.min_capacity=-1"], 1, "model.min_capacity=-1 must be >= 0"),
+        (["model.initializer_range=-0.1"], 1, "model.initializer_range=-0.1 must be >= 0"),
         (["trainer.precision=fp8"], 1, "trainer.precision='fp8'"),
         (["trainer.micro_batch_size=0"], 1, "trainer.micro_batch_size=0 must be >= 1"),
         (["trainer.stop_after_steps=-1"], 1, "trainer.stop_after_steps=-1 must be >= 1, or null"),
@@ -185,11 +197,41 @@ def test_param_groups_split_experts_and_skip_decay_on_norms():
         assert group["weight_decay"] == (0.0 if param.ndim < 2 else 0.1), name
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.router.balance=foo", r"model: router.balance='foo' must be 'none', one of \['aux', 'global', 'sequence'\]"),
-    ("model.router.n_group=4", "model: router.n_group and router.topk_group go together"),
-    ("model.router.score_func=relu", r"model: router.score_func='relu' must be one of \['softmax', 'sigmoid'\]"),
+@pytest.mark.parametrize("overrides, message", [
+    (["model.router.balance=foo"], r"model.router.balance='foo' must be one of \['none', 'aux', 'global', "
+                                   r"'sequence'\] \(the balancing loss\); the expert bias is "
+                                   r"model.router.expert_bias=true"),
+    (["model.router.balance=sequence+bias"], r"model.router.balance='sequence\+bias' must be one of"),
+    (["model.router.n_group=4"], "model.router.n_group and model.router.topk_group go together"),
+    (["model.router.score_func=relu"], r"model.router.score_func='relu' must be one of \['softmax', 'sigmoid'\]"),
+    (["model.moe_backend=autoep", "model.use_residual=true"],
+     r"model.use_residual not supported by model.moe_backend='autoep' .*; set model.use_residual=false"),
 ])
-def test_router_settings_are_refused_by_their_recipe_names(override, message):
+def test_model_settings_are_refused_by_their_recipe_names(overrides, message):
     with pytest.raises(ValueError, match=message):
-        load_recipe([override], world_size=1)
+        load_recipe(overrides, world_size=1)
+
+
+def test_a_wrong_expert_bias_is_refused_while_composing():
+    with pytest.raises(CONFIG_ERRORS) as err:
+        load_recipe(["model.router.expert_bias=maybe"], world_size=1)
+    assert "model.router.expert_bias='maybe' is not true or false" in config_error_message(err.value)
+
+
+@pytest.mark.parametrize("balance", ["none", "aux", "global", "sequence"])
+@pytest.mark.parametrize("expert_bias", [False, True])
+def test_every_balancing_loss_goes_with_and_without_the_expert_bias(balance, expert_bias):
+    recipe = load_recipe([f"model.router.balance={balance}", f"model.router.expert_bias={expert_bias}",
+                          f"model.router_aux_loss_coef={0.0 if balance == 'none' else 0.01}"], world_size=1)
+    assert recipe.model.router_balance == balance and recipe.model.uses_expert_bias is expert_bias
+    assert recipe.model.balance_loss == (None if balance == "none" else balance)
+
+
+@pytest.mark.parametrize("old, balance", [("bias", "none"), ("bias+aux", "aux"), ("bias+global", "global"),
+                                          ("bias+sequence", "sequence")])
+def test_the_old_spelling_of_the_expert_bias_in_an_override_still_works(monkeypatch, old, balance):
+    monkeypatch.setattr(configuration_moe, "_warned_bias_balance", False)
+    with pytest.warns(FutureWarning, match=f"write the new one .*model.router.balance={balance} "
+                                           "model.router.expert_bias=true"):
+        recipe = load_recipe([f"model.router.balance={old}", "model.router_aux_loss_coef=0"], world_size=1)
+    assert (recipe.model.router_balance, recipe.model.router_expert_bias) == (balance, True)

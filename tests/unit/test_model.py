@@ -2,6 +2,7 @@
 noisy-gating options of the MoE causal LM, on tiny configs in one CPU process."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch.distributed as dist
 import moe_model  # noqa: F401  (registers the Auto classes)
 from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.moe_blocks import MoeMLP, MoeSparseBlock
-from moe_recipe.config import CONF_DIR, load_recipe
+from moe_recipe.config import CONF_DIR, moe_config_kwargs
+from moe_recipe.recipe import load_recipe
 from transformers import AutoModelForCausalLM
 
 EXPERTS_KEY = ".deepspeed_experts."
@@ -65,9 +67,12 @@ def test_model_rejects_a_layout_that_does_not_fit(tiny_config, ep_size, ep_rank,
         MoeForCausalLM(tiny_config(), ep_size=ep_size, ep_rank=ep_rank)
 
 
-def test_old_config_with_ep_size_loads_without_it(tiny_config):
-    config = MoeConfig.from_dict({**tiny_config().to_dict(), "ep_size": 2})
-    assert not hasattr(config, "ep_size") and "ep_size" not in config.to_dict()
+@pytest.mark.parametrize("key, value", [("ep_size", 2), ("eval_capacity_factor", 2.0)])
+def test_old_config_with_a_removed_setting_loads_without_it(tiny_config, key, value):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # silently
+        config = MoeConfig.from_dict({**tiny_config().to_dict(), key: value})
+    assert not hasattr(config, key) and key not in config.to_dict()
 
 
 # --- interleaving -----------------------------------------------------------------------------------------------
@@ -321,7 +326,7 @@ def test_generate_with_and_without_cache_agree_for_every_shipped_model_config(na
     runs the MoE layers on one token at a time, without it on the whole prefix: they agree because inference never
     drops and routes each token on its own."""
     shipped = load_recipe([f"model={name}"], world_size=1, require_tokenizer=False).config.model
-    arguments = shipped.moe_config_arguments()
+    arguments = moe_config_kwargs(shipped)
     num_layers = arguments["first_k_dense_replace"] + 2 * arguments["moe_layer_freq"]
     kv_heads = 4 if arguments["num_key_value_heads"] == arguments["num_attention_heads"] else 2
     config = MoeConfig(**{**arguments, **SMALL_SHAPE, "num_hidden_layers": num_layers, "num_key_value_heads": kv_heads})

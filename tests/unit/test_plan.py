@@ -19,7 +19,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.routing import route_tokens
-from moe_recipe.config import CONF_DIR, load_recipe
+from moe_recipe.config import CONF_DIR
 from moe_recipe.plan import (
     DTYPE_BYTES,
     EXIT_DOES_NOT_FIT,
@@ -40,6 +40,7 @@ from moe_recipe.plan import (
     zero_flat_numel,
 )
 from moe_recipe.plan.communication import expected_destination_ranks, max_destination_ranks
+from moe_recipe.recipe import load_recipe
 
 
 def saved_tensor_bytes(model, input_ids) -> int:
