@@ -87,15 +87,16 @@ def train(store: Path, steps: int) -> list[dict]:
 
 
 def worker(store: Path, steps: int, out: Path) -> None:
-    """One rank: the recipe's engine and Trainer.train_step on the tiny model, reading `store`."""
+    """One rank: the recipe's engine and training step (train_step, over the Trainer's micro batches) on the tiny
+    model, reading `store`."""
     import deepspeed
     import torch
     import torch.distributed as dist
 
-    from moe_recipe.recipe import load_recipe
     from moe_recipe.data import open_training_data
-    from moe_recipe.engine import build_model, initialize_engine
-    from moe_recipe.metrics import MetricsSink
+    from moe_recipe.engine import build_model, initialize_engine, recipe_grad_clip
+    from moe_recipe.recipe import load_recipe
+    from moe_recipe.train_step import train_step
     from moe_recipe.trainer import Trainer
 
     recipe = load_recipe([f"data.store={store}", "parallel.ep_size=2", "trainer.micro_batch_size=4",
@@ -117,13 +118,13 @@ def worker(store: Path, steps: int, out: Path) -> None:
     torch.manual_seed(0)
     engine = initialize_engine(build_model(recipe.model, cfg.parallel.ep_size), cfg, recipe.deepspeed,
                                recipe.total_steps)
-    trainer = Trainer(engine, cfg, recipe.model, data, store / "run", MetricsSink(store / "run", cfg.logging, "b", {},
-                                                                                    enabled=False), steps)
-    trainer.train_step(0)  # warm-up
+    trainer = Trainer(engine, cfg.trainer, data, total_steps=steps, callbacks=[])
+    grad_clip = recipe_grad_clip(cfg)
+    train_step(engine, trainer.micro_batches(0), grad_clip)  # warm-up
     fetch["seconds"] = 0.0
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        trainer.train_step(step)
+        train_step(engine, trainer.micro_batches(step), grad_clip)
     seconds = time.perf_counter() - start
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     kb = {k: int(status[k].split()[0]) for k in ("VmRSS", "RssAnon", "RssFile")}

@@ -158,7 +158,7 @@ class MoeRouterState:
     `record` takes what the router decided in a forward pass: the logits, and the route where the block computed it
     (MoeGate, MoeAutoEPBlock), else it is computed here from the logits and the live expert bias (DeepSpeed's
     TopKGate and AutoEP's replaced layer return no route). The model `pop`s each layer's losses after the layer ran;
-    routes of training forwards are summed on the device, never syncing the host: `window_sums` (read by
+    routes of training forwards are summed on the device, never syncing the host: `compute_metrics` (read by
     `MoeRoutingMetrics.reduce`, once per log window) and the step's demand (`post_step`, once per optimizer step).
     The expert bias is a buffer of the gate (`e_score_correction_bias`, a checkpoint name that AutoEP also reads);
     `bias_owner` returns the module that holds it now. A plain object: nothing of it is in the state dict.
@@ -170,7 +170,7 @@ class MoeRouterState:
         self.bias_owner = bias_owner
         self.batch_size = 1  # the decoder layer sets it each forward, for the sequence-wise loss
         self._pending: MoeLayerRouting | None = None
-        self._window: torch.Tensor | None = None  # sums since the last window_sums(reset=True)
+        self._window: torch.Tensor | None = None  # sums since the last compute_metrics(reset=True)
         self._step_demand_E: torch.Tensor | None = None  # the router's choices since the last post_step
         self._watched: nn.Module | None = None
 
@@ -244,7 +244,7 @@ class MoeRouterState:
                     self._step_demand_E += routing.demand_E
         return routing
 
-    def window_sums(self, reset: bool = True) -> torch.Tensor:
+    def compute_metrics(self, reset: bool = True) -> torch.Tensor:
         """This rank's sums over the training forwards since the last reset: [aux loss, z loss, dropped fraction,
         forwards, received routes per expert (E), demanded routes per expert (E)]."""
         if self._window is None:
@@ -291,7 +291,7 @@ class MoeRoutingMetrics:
     def reduce(cls, routers: list[MoeRouterState], reset: bool = True, group=None) -> "MoeRoutingMetrics":
         """Collective over `group` (None: every rank) when a process group exists: one all_reduce for all layers,
         then one copy to the host. Every rank calls it at the same step; `reset` starts the next window."""
-        sums_LX = torch.stack([router.window_sums(reset) for router in routers])
+        sums_LX = torch.stack([router.compute_metrics(reset) for router in routers])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums_LX, group=group)
         sums_LX = sums_LX.cpu()  # syncs the device: once per log window

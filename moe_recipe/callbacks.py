@@ -115,7 +115,7 @@ class RoutingHeatmap(Callback):
 
 
 class Evaluator(Callback):
-    """Every `eval_interval` steps and at the last: the mean next-token loss over each store's eval rows."""
+    """Every `eval_interval` steps and at the last: `evaluate`."""
 
     def __init__(self, sink: MetricsSink, t: TrainerConfig, data: TrainingData) -> None:
         self.sink, self.interval, self.data = sink, t.eval_interval, data
@@ -124,39 +124,41 @@ class Evaluator(Callback):
     def post_step(self, trainer: "Trainer", result: StepResult) -> None:
         if every(self.interval, trainer.step) or trainer.step == trainer.total_steps:
             with trainer.paused():  # eval time is not training time (tokens/s)
-                metrics = self.evaluate(trainer)
+                metrics = evaluate(trainer.engine, self.data, micro_batch_size=self.micro_batch_size,
+                                   eval_batches=self.eval_batches)
             self.sink.log(metrics, step=trainer.step)
             log.info("step %d: eval loss %.4f ppl %.2f", trainer.step, metrics["eval/loss"],
                      metrics["eval/perplexity"])
 
-    @torch.no_grad()
-    def evaluate(self, trainer: "Trainer") -> dict[str, float]:
-        """Each store's eval rows are the first trainer.eval_batches x micro_batch_size blocks of its val split: the
-        same rows at any world size and layout, eval/<name>/loss per store of a mixture. Eval never drops tokens,
-        so a row's loss does not depend on its batch mates."""
-        engine = trainer.engine
-        engine.eval()
-        totals = torch.zeros(len(self.data.names), 2, dtype=torch.float64, device=trainer.device)  # loss sum, targets
-        for component in range(len(self.data.names)):
-            for input_ids_BS, num_rows in self.data.eval_micro_batches(
-                    component, rank=trainer.rank, world_size=trainer.world_size,
-                    micro_batch_size=self.micro_batch_size, max_batches=self.eval_batches):
-                input_ids_BS = input_ids_BS.to(trainer.device)
-                logits_BSV = engine(input_ids=input_ids_BS).logits
-                # Summed here, over the eval rows only: the rows after them are padding that keeps this rank in step
-                # with the others' all-to-alls, and a mean per batch would weigh short batches wrongly.
-                loss_sum = F.cross_entropy(logits_BSV[:num_rows, :-1].flatten(0, 1).float(),
-                                           input_ids_BS[:num_rows, 1:].flatten(), reduction="sum")
-                totals[component, 0] += loss_sum.double()
-                totals[component, 1] += num_rows * (input_ids_BS.shape[1] - 1)
-        dist.all_reduce(totals)
-        engine.train()
-        loss = (totals[:, 0].sum() / totals[:, 1].sum()).item()
-        metrics = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 30.0))}
-        if len(self.data.names) > 1:
-            for name, (loss_sum, targets) in zip(self.data.names, totals.tolist()):
-                metrics[f"eval/{name}/loss"] = loss_sum / targets
-        return metrics
+
+@torch.no_grad()
+def evaluate(engine, data: TrainingData, *, micro_batch_size: int, eval_batches: int) -> dict[str, float]:
+    """Collective: the mean next-token loss over each store's eval rows, the first eval_batches x micro_batch_size
+    blocks of its val split: the same rows at any world size and layout, eval/<name>/loss per store of a mixture.
+    Eval never drops tokens, so a row's loss does not depend on its batch mates."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    engine.eval()
+    totals = torch.zeros(len(data.names), 2, dtype=torch.float64, device=engine.device)  # loss sum, targets
+    for component in range(len(data.names)):
+        for input_ids_BS, num_rows in data.eval_micro_batches(component, rank=rank, world_size=world_size,
+                                                              micro_batch_size=micro_batch_size,
+                                                              max_batches=eval_batches):
+            input_ids_BS = input_ids_BS.to(engine.device)
+            logits_BSV = engine(input_ids=input_ids_BS).logits
+            # Summed here, over the eval rows only: the rows after them are padding that keeps this rank in step
+            # with the others' all-to-alls, and a mean per batch would weigh short batches wrongly.
+            loss_sum = F.cross_entropy(logits_BSV[:num_rows, :-1].flatten(0, 1).float(),
+                                       input_ids_BS[:num_rows, 1:].flatten(), reduction="sum")
+            totals[component, 0] += loss_sum.double()
+            totals[component, 1] += num_rows * (input_ids_BS.shape[1] - 1)
+    dist.all_reduce(totals)
+    engine.train()
+    loss = (totals[:, 0].sum() / totals[:, 1].sum()).item()
+    metrics = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 30.0))}
+    if len(data.names) > 1:
+        for name, (loss_sum, targets) in zip(data.names, totals.tolist()):
+            metrics[f"eval/{name}/loss"] = loss_sum / targets
+    return metrics
 
 
 class PreemptionCheck(Callback):

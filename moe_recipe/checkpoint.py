@@ -6,8 +6,8 @@ A checkpoint is a folder `step_XXXXXXXX/` holding
 - `portable/`: every parameter's fp32 master weight and Adam moments under its global name, and the persistent
   buffers (the expert bias) (see reshard.py): resume at any other layout, and the export command, read these;
 - `rng_rankXXXXX.pt`: each rank's RNG state;
-- `checkpoint.json`, the manifest: step, model config (no layout in it), layout, LR schedule, engine counters, every tensor's file and
-  shape, every file's size.
+- `checkpoint.json`, the manifest: step, model config (no layout in it), layout, LR schedule, engine counters, every
+  tensor's file and shape, every file's size.
 
 Crash safety: the ranks write into `step_XXXXXXXX.incomplete/`; after a barrier rank 0 writes the manifest, fsyncs,
 renames the folder to `step_XXXXXXXX` (atomic on POSIX) and only then points `latest` at it (temp file + os.replace).

@@ -108,7 +108,8 @@ class TrainerConfig:
     grad_accum: int = 1
     max_steps: int = 200
     token_budget: int | None = None  # if set, max_steps = ceil(token_budget / tokens per step)
-    stop_after_steps: int | None = None  # end this job after that many steps (checkpointed); the schedule spans max_steps
+    # end this job after that many steps (checkpointed); the schedule spans max_steps
+    stop_after_steps: int | None = None
     precision: str = "auto"  # auto: bf16 where the device supports it, else fp32
     activation_checkpointing: bool = False
     eval_interval: int = 50

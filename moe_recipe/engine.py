@@ -130,7 +130,8 @@ def build_optimizer(model: nn.Module, cfg: RecipeConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
 
 
-# On CPU, deepspeed.init_distributed loads this op, which torch JIT-builds on first use (scripts/setup_venv.sh builds it).
+# On CPU, deepspeed.init_distributed loads this op, which torch JIT-builds on first use (scripts/setup_venv.sh builds
+# it).
 SHM_COMM_OP = "deepspeed_shm_comm"
 
 

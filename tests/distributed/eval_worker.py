@@ -1,5 +1,6 @@
 """Evaluate freshly initialised models (the same weights at every layout: one seed, each global expert drawn alike)
-with the recipe's Trainer.evaluate, once per job given (moe_backend, ep_size), and write rank 0's eval metrics.
+with the recipe's evaluation (callbacks.evaluate, what the Trainer's Evaluator runs), once per job given
+(moe_backend, ep_size), and write rank 0's eval metrics.
 Run under torchrun by test_eval_layouts.py.
 
 The val split holds 13 blocks; eval reads the first EVAL_BATCHES x MICRO_BATCH = 6 of them at every world size, so
@@ -15,13 +16,12 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from moe_recipe.callbacks import evaluate
 from moe_recipe.config import DataConfig, LoggingConfig, ModelConfig, ParallelConfig, RecipeConfig, TrainerConfig
 from moe_recipe.data import TrainingData, load_tokenizer, open_store, store_from_tokens, tokenizer_fingerprint
 from moe_recipe.data.sampler import Component
 from moe_recipe.engine import build_model, initialize_engine
-from moe_recipe.metrics import MetricsSink
 from moe_recipe.recipe import build_recipe
-from moe_recipe.trainer import Trainer
 
 MICRO_BATCH, EVAL_BATCHES, SEQ, VOCAB = 2, 3, 16, 128
 MODEL = dict(
@@ -64,8 +64,7 @@ for job in json.loads(args.jobs):
     recipe = build_recipe(cfg, world)  # random tokens: no tokenizer
     engine = initialize_engine(build_model(recipe.model, cfg.parallel.ep_size), cfg, recipe.deepspeed,
                                recipe.total_steps)
-    metrics = MetricsSink(Path(cfg.trainer.run_dir), cfg.logging, "test", {}, enabled=False)
-    result = Trainer(engine, cfg, recipe.model, data, Path(cfg.trainer.run_dir), metrics, recipe.total_steps).evaluate()
+    result = evaluate(engine, data, micro_batch_size=MICRO_BATCH, eval_batches=EVAL_BATCHES)
     if rank == 0:
         Path(job["out"]).write_text(json.dumps(result))
     dist.barrier()

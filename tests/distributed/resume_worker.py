@@ -50,7 +50,8 @@ class SaveBiasAtStart(Callback):
 
 
 def model_config(overrides: dict) -> ModelConfig:
-    """MODEL with `overrides` (ModelConfig fields; `router` a dict of RouterConfig fields, as in a run's config.yaml)."""
+    """MODEL with `overrides` (ModelConfig fields; `router` a dict of RouterConfig fields, as in a run's
+    config.yaml)."""
     settings = {**MODEL, **overrides}
     settings["router"] = RouterConfig(**settings.get("router", {}))
     return ModelConfig(**settings)
@@ -60,7 +61,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--jobs", required=True,
                     help="JSON list of {run_dir, ep_size, zero_stage, and optionally offload, precision, resume, "
                          "checkpoint_interval, model (overrides of MODEL), optim (OptimConfig fields), logits (a file "
-                         "to write)}; with the expert bias, the bias a job starts from goes to run_dir/bias_at_start.pt")
+                         "to write)}; with the expert bias, the bias a job starts from goes to "
+                         "run_dir/bias_at_start.pt")
 args = parser.parse_args()
 
 deepspeed.init_distributed()

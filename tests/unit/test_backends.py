@@ -91,7 +91,8 @@ def native_params(model: MoeForCausalLM, grads: bool = False) -> dict[str, torch
 
 def replace_with_autoep(model: MoeForCausalLM) -> list:
     """What `deepspeed.initialize` does with an "expert_parallel" config, at ep_size 1 (no process group needed)."""
-    autoep = AutoEP(model, parse_autoep_config({"enabled": True, "autoep_size": 1, **autoep_layer_settings(model.config)}))
+    settings = {"enabled": True, "autoep_size": 1, **autoep_layer_settings(model.config)}
+    autoep = AutoEP(model, parse_autoep_config(settings))
     specs = autoep.ep_parser()
     autoep.replace_moe_layers(specs, ep_size=1, ep_rank=0)
     return specs

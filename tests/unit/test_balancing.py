@@ -347,7 +347,8 @@ def test_deepspeed_gate_routes_what_it_can_express(tiny_model):
     from deepspeed.moe.sharded_moe import TopKGate
 
     for overrides, gate_type in [(dict(), TopKGate), (dict(router_balance="global"), TopKGate),
-                                 (dict(router_norm_topk_prob=True), TopKGate), (dict(router_norm_topk_prob=False), MoeGate),
+                                 (dict(router_norm_topk_prob=True), TopKGate),
+                                 (dict(router_norm_topk_prob=False), MoeGate),
                                  (dict(router_scaling_factor=2.0), MoeGate)]:
         model = tiny_model(**overrides)
         assert all(type(layer.mlp.gate) is gate_type for layer in model.moe_layers()), overrides

@@ -9,7 +9,8 @@ import pytest
 
 from moe_model import MoeConfig
 from moe_recipe import checkpoint
-from moe_recipe.checkpoint import FORMAT, MANIFEST, ResumePoint, _warn_changed_settings, check_model_matches, check_resume
+from moe_recipe.checkpoint import (FORMAT, MANIFEST, ResumePoint, _warn_changed_settings, check_model_matches,
+                                   check_resume)
 
 
 def manifest_of(config: MoeConfig) -> dict:

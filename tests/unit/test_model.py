@@ -307,7 +307,8 @@ def test_noisy_gating_trains_and_is_deterministic_in_eval(tiny_model, overrides)
         torch.manual_seed(11)
         second = model(input_ids).logits
         # In eval the same weights without any noise option give the same logits.
-        clean = tiny_model(initializer_range=0.2, capacity_factor=1.0, num_experts_per_tok=overrides["num_experts_per_tok"])
+        clean = tiny_model(initializer_range=0.2, capacity_factor=1.0,
+                           num_experts_per_tok=overrides["num_experts_per_tok"])
         clean.load_state_dict(model.state_dict())
         reference = clean(input_ids).logits
     assert torch.equal(first, second)
