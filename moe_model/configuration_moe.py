@@ -98,7 +98,7 @@ class MoeConfig(PretrainedConfig):
     The keyword arguments of `__init__`, their types and defaults are also the recipe's `model` section
     (moe_recipe/config.py derives its schema from them): a setting is added here, once.
 
-    Routing (`moe_model.modeling_moe.route_tokens` is its one implementation):
+    Routing (`moe_model.routing.route_tokens` is its one implementation):
       - scores: `router_score_func` "softmax" (Mixtral, Qwen3-MoE) or "sigmoid" (DeepSeek-V3) over fp32 logits;
       - choice: the top `num_experts_per_tok` (k) scores, plus the expert bias when `router_expert_bias`; with
         `router_n_group` groups of consecutive experts, only the `router_topk_group` groups with the highest sum

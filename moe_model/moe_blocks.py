@@ -18,7 +18,7 @@ from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
 from .configuration_moe import MoeConfig
-from .routing import EXPERT_BIAS, MoeRouterState, count_routes, register_expert_bias, route_tokens
+from .routing import EXPERT_BIAS, MoeRoute, MoeRouterState, count_routes, register_expert_bias, route_tokens
 
 
 class MoeMLP(nn.Module):
@@ -78,14 +78,14 @@ class MoeGate(nn.Module):
     capacity = max(ceil(T * k / E * capacity_factor), min_capacity) routes, first choices before second choices,
     in token order within each (GShard's priority, as DeepSpeed's top-2 gate); otherwise nothing is dropped and
     the capacity is the busiest expert's load, the maximum over the expert-parallel group (all ranks' buffers must
-    have one shape for the all-to-all). It records its logits, its route and the routes it kept with the layer's
-    router state, so top-k is computed once per layer.
+    have one shape for the all-to-all). `route` keeps its last decision for the block to record, so top-k is
+    computed once per layer.
     """
 
-    def __init__(self, config: MoeConfig, router_state: MoeRouterState) -> None:
+    def __init__(self, config: MoeConfig) -> None:
         super().__init__()
         self.config = config
-        self.router_state = router_state
+        self.route: MoeRoute | None = None
         self.num_experts = config.num_experts
         self.wg = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         register_expert_bias(self, config)
@@ -99,7 +99,7 @@ class MoeGate(nn.Module):
             raise NotImplementedError("MoeGate does not implement DeepSpeed's tutel path or used_token masks.")
         E = self.num_experts
         logits_TE = F.linear(x_TD.float(), self.wg.weight.float())
-        route = route_tokens(logits_TE, self.config, getattr(self, EXPERT_BIAS, None))
+        route = self.route = route_tokens(logits_TE, self.config, getattr(self, EXPERT_BIAS, None))
         T, k = route.experts_Tk.shape
         experts_kT = route.experts_Tk.t()  # slot-major: every token's first choice comes before any second choice
         experts_N = experts_kT.reshape(-1)
@@ -121,8 +121,6 @@ class MoeGate(nn.Module):
         indices_kT = torch.where(kept_kT, experts_kT, -1).to(torch.int32)
         locations_kT = (locations_N.view(k, T) * kept_kT).to(torch.int32)
         gates_kT = route.weights_Tk.t() * kept_kT
-        self.router_state.record(logits_TE, training=self.training, route=route,
-                           kept_routes=indices_kT if self.training and self.config.drop_tokens else None)
         aux_loss = logits_TE.new_zeros(())  # the router state computes the balancing loss
         return aux_loss, capacity, E, indices_kT, locations_kT, gates_kT, demand_E
 
@@ -133,8 +131,8 @@ class MoeSparseBlock(nn.Module):
     It holds experts `ep_rank * El .. (ep_rank + 1) * El - 1` of E, El = E / ep_size; DeepSpeed creates the
     expert-parallel groups and wires the all-to-all inside `deepspeed.initialize`. The gate is DeepSpeed's
     TopKGate where it can express the config's routing (`MoeConfig.uses_deepspeed_gate`), else `MoeGate`.
-    `router_state` is the layer's MoeRouterState: MoeGate records into it itself; for TopKGate, which returns no logits
-    and no top-k, the block records the logits and the routes the gate kept.
+    The block records into `router_state`, the layer's MoeRouterState, the router logits, the routes the gate kept
+    and, from MoeGate, its route (DeepSpeed's TopKGate returns no top-k: the router state computes it).
     """
 
     def __init__(self, config: MoeConfig, router_state: MoeRouterState, ep_size: int = 1, ep_rank: int = 0) -> None:
@@ -160,7 +158,7 @@ class MoeSparseBlock(nn.Module):
                 top2_2nd_expert_sampling=config.top2_2nd_expert_sampling,
             )
             if not config.uses_deepspeed_gate:
-                self.moe.deepspeed_moe.gate = MoeGate(config, router_state)
+                self.moe.deepspeed_moe.gate = MoeGate(config)
             self.shared_experts = (
                 MoeMLP(config.hidden_size, config.moe_intermediate_size * config.num_shared_experts)
                 if config.num_shared_experts
@@ -171,8 +169,7 @@ class MoeSparseBlock(nn.Module):
         # DeepSpeed's exp_counts are counted before the capacity limit; its gate's sparse routes mark each
         # dropped (token, slot) with expert -1, so keep them to count what the experts really received.
         self._routes_kT: torch.Tensor | None = None
-        if config.uses_deepspeed_gate:
-            self.gate.register_forward_hook(self._keep_routes)
+        self.gate.register_forward_hook(self._keep_routes)
 
     def _seed_experts(self, layer_seed: int, first_global_expert: int) -> None:
         """Give every expert projection a seed from (layer draw, global expert id, projection).
@@ -201,32 +198,31 @@ class MoeSparseBlock(nn.Module):
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         gate = self.gate
-        if isinstance(gate, TopKGate):
-            out_BSD = self._forward_deepspeed_gate(gate, hidden_BSD)
-        else:
-            out_BSD, _, _ = self.moe(hidden_BSD)  # MoeGate records the routing
-        if self.shared_experts is not None:
-            out_BSD = out_BSD + self.shared_experts(hidden_BSD)
-        return out_BSD
-
-    def _forward_deepspeed_gate(self, gate: TopKGate, hidden_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
-        # Capacity, the sampled second expert and the kept tokens (RTS) are training devices; DeepSpeed's gate
-        # applies them in eval mode too. Inference never drops and is deterministic: a sequence's outputs do
-        # not depend on its batch mates, and generate() with and without cache agree.
-        gate.drop_tokens = self.training and self.config.drop_tokens
-        gate.top2_2nd_expert_sampling = self.training and self.config.top2_2nd_expert_sampling
-        gate.use_rts = self.training and self.config.use_rts
-        # DeepSpeed's top-1 gate asserts T >= min_capacity (a cached decode step of one sequence has T = 1).
-        # Below min_capacity every token fits anyway, so capping it changes no routing decision.
-        gate.min_capacity = min(self.config.min_capacity, x_TD.shape[0])
-        # The same fp32 logits the gate computes (before any jitter); recomputed here for the balancing and z
-        # losses because the gate does not return them. T x D x E flops: negligible next to the experts.
+        if isinstance(gate, TopKGate):
+            # Capacity, the sampled second expert and the kept tokens (RTS) are training devices; DeepSpeed's gate
+            # applies them in eval mode too. Inference never drops and is deterministic: a sequence's outputs do
+            # not depend on its batch mates, and generate() with and without cache agree.
+            gate.drop_tokens = self.training and self.config.drop_tokens
+            gate.top2_2nd_expert_sampling = self.training and self.config.top2_2nd_expert_sampling
+            gate.use_rts = self.training and self.config.use_rts
+            # DeepSpeed's top-1 gate asserts T >= min_capacity (a cached decode step of one sequence has T = 1).
+            # Below min_capacity every token fits anyway, so capping it changes no routing decision.
+            gate.min_capacity = min(self.config.min_capacity, x_TD.shape[0])
+        # The same fp32 logits the gate computes (before any jitter), for the router state's losses: DeepSpeed's gate
+        # does not return them, and MoeGate's work the same way, so that both gates train alike. T x D x E flops:
+        # negligible next to the experts.
         router_logits_TE = F.linear(x_TD.float(), self.router_weight.float())
         out_BSD, deepspeed_aux_loss, _ = self.moe(hidden_BSD)
         kept_routes_kT, self._routes_kT = self._routes_kT, None
-        self.router_state.record(router_logits_TE, training=self.training, kept_routes=kept_routes_kT,
-                           deepspeed_aux_loss=deepspeed_aux_loss)
+        if isinstance(gate, TopKGate):
+            self.router_state.record(router_logits_TE, training=self.training, kept_routes=kept_routes_kT,
+                                     deepspeed_aux_loss=deepspeed_aux_loss)
+        else:
+            route, gate.route = gate.route, None
+            self.router_state.record(router_logits_TE, training=self.training, route=route, kept_routes=kept_routes_kT)
+        if self.shared_experts is not None:
+            out_BSD = out_BSD + self.shared_experts(hidden_BSD)
         return out_BSD
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+import moe_recipe.callbacks as callbacks
 import moe_recipe.checkpoint as checkpoint
 import moe_recipe.reshard as reshard
-import moe_recipe.trainer as trainer
 from recipes import train
 
 point, _, target = os.environ["CRASH_AT"].partition("@")
@@ -52,8 +52,8 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
     return original_save(engine, checkpoint_dir, step)
 
 
-original_save = trainer.save_checkpoint
-trainer.save_checkpoint = save_checkpoint
+original_save = callbacks.save_checkpoint
+callbacks.save_checkpoint = save_checkpoint  # what the Checkpointer calls
 hook(TorchCheckpointEngine, "save", "native")
 hook(reshard, "save_file", "portable")
 hook(checkpoint.os, "rename", "rename")

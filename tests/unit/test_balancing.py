@@ -355,9 +355,10 @@ def test_deepspeed_gate_routes_what_it_can_express(tiny_model):
     deepspeed_gate = tiny_model(**WIDE_INIT, drop_tokens=False)
     moe_gate = tiny_model(**WIDE_INIT, drop_tokens=False)
     for layer in moe_gate.moe_layers():  # the same routing through the project's gate
-        gate = MoeGate(moe_gate.config, layer.router_state)
+        gate = MoeGate(moe_gate.config)
         gate.wg.weight.data.copy_(layer.mlp.gate.wg.weight)
         layer.mlp.moe.deepspeed_moe.gate = gate
+        gate.register_forward_hook(layer.mlp._keep_routes)
     input_ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(2))
     for mode in ("train", "eval"):
         a, b = getattr(deepspeed_gate, mode)()(input_ids), getattr(moe_gate, mode)()(input_ids)
