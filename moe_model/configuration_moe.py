@@ -141,6 +141,12 @@ class MoeConfig(PretrainedConfig):
     """
 
     model_type = "deepspeed_moe"
+    # The settings that fix the names and shapes of the parameters and buffers: weights (a checkpoint, an export) load
+    # only into a model that agrees on all of them.
+    architecture_settings = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                             "num_experts", "num_shared_experts", "use_residual", "moe_layer_freq",
+                             "first_k_dense_replace", "tie_word_embeddings", "moe_backend", "router_expert_bias")
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(

@@ -18,6 +18,7 @@ resume ignores and the next save removes. Resume scans for the newest complete f
 `ResumePoint` for `load_checkpoint`.
 """
 
+import inspect
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from moe_model import MoeConfig
 from moe_model.configuration_moe import upgrade_config_dict
 
+from .config import model_setting_name
 from .files import fsync_path, fsync_tree, write_atomic
 from .reshard import check_tensors_match, load_portable_state, save_portable_state, unsupported_reason
 
@@ -45,11 +47,6 @@ FORMAT = "moe-recipe-checkpoint-v1"
 INCOMPLETE = ".incomplete"
 _TAG = re.compile(r"^step_(\d{8})$")
 
-# The fields that fix the parameters' names and shapes: a checkpoint only loads into a model that agrees on all.
-ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_shared_experts",
-                     "use_residual", "moe_layer_freq", "first_k_dense_replace", "tie_word_embeddings", "moe_backend")
-_DEFAULTS = {"moe_backend": "deepspeed"}  # for configs from before the field existed
 # Bookkeeping, legitimately different between jobs.
 _UNCOMPARED_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path",
                     "pad_token_id", "bos_token_id", "eos_token_id", "auto_map"}
@@ -250,15 +247,12 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> ResumePoint | None:
 def check_model_matches(manifest: dict, config: MoeConfig, folder: Path) -> None:
     """Raise a ValueError naming every architecture field where the checkpoint and this run's model differ."""
     saved = upgrade_config_dict(manifest["model"])
+    defaults = inspect.signature(MoeConfig.__init__).parameters  # for a setting older checkpoints do not carry
     diffs = []
-    for key in ARCHITECTURE_KEYS:
-        there, here = saved.get(key, _DEFAULTS.get(key)), getattr(config, key, _DEFAULTS.get(key))
+    for key in MoeConfig.architecture_settings:
+        there, here = saved.get(key, defaults[key].default), getattr(config, key)
         if there != here:
-            diffs.append(f"model.{key}={there!r} there, {here!r} here")
-    # The expert bias is model state (a buffer in every MoE layer): a run with it and a run without hold other tensors.
-    bias_there = saved.get("router_expert_bias", False)
-    if bias_there != config.uses_expert_bias:
-        diffs.append(f"model.router.expert_bias={bias_there!r} there, {config.uses_expert_bias!r} here")
+            diffs.append(f"model.{model_setting_name(key)}={there!r} there, {here!r} here")
     if diffs:
         raise ValueError(f"checkpoint {folder} holds another model: {'; '.join(diffs)}. Resume with the model settings "
                          "it was trained with, or use a new trainer.run_dir to train this model from scratch.")
