@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 
 from .config import LoggingConfig
-from .train_step import LOSSES
 
 log = logging.getLogger(__name__)
+
+LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss")  # the model's loss and its parts: train/<name> in the metrics
 
 
 class LossWindow:

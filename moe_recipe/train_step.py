@@ -6,8 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import clip_grad_norm
-
-LOSSES = ("loss", "lm_loss", "aux_loss", "z_loss")  # the model's loss and its parts, in StepResult.losses
+from .metrics import LOSSES
 
 
 @dataclass
