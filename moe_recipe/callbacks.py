@@ -1,14 +1,17 @@
 """The periodic work of a training run, each piece a small callback the Trainer calls after every step (OLMo-core's
 pattern): metrics (`MetricsLogger`), expert-load heatmaps (`RoutingHeatmap`), evaluation (`Evaluator`), preemption
-signals (`PreemptionCheck`) and checkpoints (`Checkpointer`). `build_callbacks` wires them from a Recipe, in the
-order they run: the log, then its heatmap, eval, the signal check, the checkpoint.
+signals and Ctrl-C (`StopCheck`) and checkpoints (`Checkpointer`, which also keeps their number down).
+`build_callbacks` wires them from a Recipe, in the order they run: the start-up header (`RunHeader`), the log, then
+its heatmap, eval, the step's metrics record (`FlushMetrics`), the stop check, the checkpoint.
 
 Every callback runs on every rank at the same step: their reductions and saves are collective.
 """
 
 import logging
 import math
+import os
 import signal
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,10 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import save_checkpoint
+from .checkpoint import prune_checkpoints, save_checkpoint
 from .config import TrainerConfig, global_batch_size
 from .data import TrainingData
-from .flops import flops_per_token, guess_peak_flops
+from .engine import resolve_precision
+from .flops import active_params_per_token, flops_per_token, guess_peak_flops, total_params
 from .metrics import LossWindow, MetricsSink
 from .routing_report import RoutingReport, routing_metrics
 from .train_step import StepResult
@@ -97,6 +101,26 @@ class MetricsLogger(Callback):
         self.sink.log(metrics, step=trainer.step)
         trainer.routing_window = (trainer.step, routing)
         trainer.progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{metrics['train/lr']:.2e}")
+        log.info(progress_line(trainer, metrics))
+
+
+def progress_line(trainer: "Trainer", metrics: dict[str, float]) -> str:
+    """The log step's line in train.log: what a person watching the run reads (W&B and metrics.jsonl have it all)."""
+    parts = [f"step {trainer.step}/{trainer.total_steps}", f"loss {metrics['train/loss']:.4f}",
+             f"aux {metrics['train/aux_loss']:.4f}", f"lr {metrics['train/lr']:.2e}"]
+    if "train/grad_norm" in metrics:
+        parts.append(f"grad_norm {metrics['train/grad_norm']:.3f}")
+    parts.append(f"{metrics['perf/tokens_per_s']:,.0f} tokens/s")
+    if "perf/mfu" in metrics:
+        parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
+    parts.append(f"ETA {format_duration(trainer.eta_seconds())}")
+    return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class RoutingHeatmap(Callback):
@@ -104,6 +128,10 @@ class RoutingHeatmap(Callback):
 
     def __init__(self, report: RoutingReport, sink: MetricsSink) -> None:
         self.report, self.sink = report, sink
+
+    def pre_train(self, trainer: "Trainer") -> None:
+        # After a resume the schedule goes on from the checkpoint's step: the job before drew the heatmaps up to it.
+        self.report.last_reported = trainer.step
 
     def post_step(self, trainer: "Trainer", result: StepResult) -> None:
         if trainer.routing_window is None or trainer.routing_window[0] != trainer.step:
@@ -161,54 +189,148 @@ def evaluate(engine, data: TrainingData, *, micro_batch_size: int, eval_batches:
     return metrics
 
 
-class PreemptionCheck(Callback):
-    """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM: checkpoint at the next log or checkpoint step
-    and stop. Checked only there, where the ranks synchronize anyway (OLMo-core's cancel-check interval): a check
-    every step would add an all_reduce and a device-to-host sync to every step. Slurm's warning
-    (`--signal=USR1@600` in launch/) must therefore leave time for `trainer.log_interval` steps and a checkpoint."""
+class FlushMetrics(Callback):
+    """The step's metrics (train, routing, eval) are one record: written once every callback that logs has run,
+    before a checkpoint (a resume cuts the history back to its checkpoint's step, `metrics.cut_metrics`)."""
 
-    def __init__(self, t: TrainerConfig) -> None:
-        self.intervals = (t.log_interval, t.checkpoint_interval)
-        self.received = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+    def __init__(self, sink: MetricsSink) -> None:
+        self.sink = sink
+
+    def post_step(self, trainer: "Trainer", result: StepResult) -> None:
+        self.sink.flush()
+
+
+PREEMPT, INTERRUPT = 0, 1  # the flags StopCheck reduces across ranks
+SAME_CTRL_C_S = 1.0  # a SIGINT this soon after the first is a launcher passing it on, not a second Ctrl-C
+
+
+class StopCheck(Callback):
+    """Stop with a checkpoint at a step boundary on Ctrl-C (SIGINT), SIGTERM or SIGUSR1 (Slurm's warning before
+    the time limit). A second Ctrl-C stops at once, without the checkpoint.
+
+    The ranks must agree on the step to stop at, and a signal reaches them at different moments, so each step
+    starts an all_reduce of this rank's flags on a CPU (gloo) group, without waiting for it, and reads the one
+    started a step before: every rank stops after the same step, one step after the signal at most, and no step
+    waits on the device or on the others (OLMo-core checks only every N steps for that reason).
+
+    `trainer.stop_requested` is then "interrupt" (Ctrl-C on any rank: the job exits 0) or "preempt" (exit
+    `MOE_PREEMPT_EXIT_CODE`, for Slurm's requeue)."""
+
+    def __init__(self, rank: int, group=None) -> None:
+        self.rank, self.group = rank, group
+        self.flags = torch.zeros(2)
+        self.interrupted_at = 0.0
+        self.pending: tuple[torch.Tensor, dist.Work] | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        log.warning("received signal %d: will checkpoint and stop at the next log or checkpoint step", signum)
-        self.received = True
+        if signum == signal.SIGINT and self.flags[INTERRUPT]:
+            # torchrun passes the terminal's Ctrl-C on to its workers, which had it already: one Ctrl-C, twice.
+            if time.monotonic() - self.interrupted_at < SAME_CTRL_C_S:
+                return
+            self._say("second Ctrl-C: stopping now, without a checkpoint")
+            os._exit(130)
+        if signum == signal.SIGINT:
+            self.interrupted_at = time.monotonic()
+        if not self.flags.any():
+            what = "Ctrl-C" if signum == signal.SIGINT else f"received {signal.Signals(signum).name}"
+            self._say(f"{what}: stopping after this step with a checkpoint"
+                      + (" (Ctrl-C again: stop at once, without it)" if signum == signal.SIGINT else ""))
+        self.flags[INTERRUPT if signum == signal.SIGINT else PREEMPT] = 1
+
+    def _say(self, message: str) -> None:
+        # A signal handler may interrupt a log call: write the line directly, from rank 0 only.
+        if self.rank == 0:
+            os.write(2, f"{message}\n".encode())
 
     def post_step(self, trainer: "Trainer", result: StepResult) -> None:
-        step = trainer.step
-        if any(every(interval, step) for interval in self.intervals) or step in (trainer.total_steps, trainer.end_step):
-            # Collective: ranks may see the signal at different steps; they must agree on where to stop.
-            flag = torch.tensor([float(self.received)], device=trainer.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item():
-                trainer.stop_requested = True
+        last = trainer.step == trainer.end_step
+        agreed = self._read() if self.pending is not None else None
+        if agreed is None or not agreed.any():
+            flags = self.flags.clone()
+            self.pending = (flags, dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+            if last:  # no step after this one: read it now, so the job's exit status says what stopped it
+                agreed = self._read()
+        if agreed is not None and agreed.any():
+            trainer.stop_requested = "interrupt" if agreed[INTERRUPT] else "preempt"
+
+    def _read(self) -> torch.Tensor:
+        flags, work = self.pending
+        work.wait()
+        self.pending = None
+        return flags
 
 
 class Checkpointer(Callback):
     """Every `checkpoint_interval` steps, at the end of the job (`stop_after_steps`, the last step) and when a stop
-    is requested (preemption): a checkpoint in run_dir/checkpoints (checkpoint.save_checkpoint, collective)."""
+    is requested: a checkpoint in run_dir/checkpoints (checkpoint.save_checkpoint, collective). Then only the
+    newest `keep_last` and every `keep_every`-th stay (checkpoint.prune_checkpoints, rank 0)."""
 
     def __init__(self, checkpoint_dir: Path, t: TrainerConfig) -> None:
         self.checkpoint_dir, self.interval = checkpoint_dir, t.checkpoint_interval
+        self.keep_last, self.keep_every = t.keep_last, t.keep_every
 
     def post_step(self, trainer: "Trainer", result: StepResult) -> None:
         if every(self.interval, trainer.step) or trainer.step == trainer.end_step or trainer.stop_requested:
             with trainer.paused():
                 path = save_checkpoint(trainer.engine, self.checkpoint_dir, trainer.step)
-            log.info("step %d: checkpoint %s", trainer.step, path)
+                removed = []
+                if trainer.rank == 0:
+                    removed = prune_checkpoints(self.checkpoint_dir, self.keep_last, self.keep_every)
+            note = f" (removed {', '.join(p.name for p in removed)}: trainer.keep_last={self.keep_last})" if removed \
+                else ""
+            log.info("step %d: checkpoint %s%s", trainer.step, path, note)
+
+
+class RunHeader(Callback):
+    """train.log's first lines: what runs where, so that a log read alone says what it is the log of."""
+
+    def __init__(self, recipe: "Recipe", data: TrainingData, run_dir: Path) -> None:
+        self.recipe, self.data, self.run_dir = recipe, data, run_dir
+
+    def pre_train(self, trainer: "Trainer") -> None:
+        if trainer.rank != 0:
+            return
+        for line in run_header(self.recipe, self.data, self.run_dir, trainer):
+            log.info(line)
+
+
+def run_header(recipe: "Recipe", data: TrainingData, run_dir: Path, trainer: "Trainer") -> list[str]:
+    cfg, model = recipe.config, recipe.model
+    t, world = cfg.trainer, recipe.world_size
+    ep, dp = cfg.parallel.ep_size, world // cfg.parallel.ep_size
+    resume = recipe.resume_from
+    start = f"resumed from {resume.path} at step {resume.step}" if resume is not None else "fresh start"
+    seq_len = cfg.data.seq_len
+    batch = global_batch_size(t, world)
+    stores = ", ".join(f"{c.name} ({c.store.path}, {c.store.train.num_tokens:,} train tokens)"
+                       for c in data.components)
+    return [
+        f"run {run_dir}: {start}; steps {trainer.step} to {trainer.end_step} of {trainer.total_steps}",
+        f"layout: {world} rank{'s' * (world > 1)}; dense weights data-parallel over all {world}, experts split over ep_size {ep} "
+        f"and each replicated over {dp}; ZeRO stage {cfg.zero.stage}; {resolve_precision(t.precision)}; "
+        f"{model.moe_backend} MoE layers",
+        f"model: {total_params(model) / 1e6:,.1f}M parameters, {active_params_per_token(model) / 1e6:,.1f}M active "
+        f"per token; {model.num_experts} experts, top {model.num_experts_per_tok}, "
+        f"{len(model.moe_layer_indices)} MoE layers of {model.num_hidden_layers}",
+        f"batch: {batch} sequences x {seq_len} tokens = {batch * seq_len:,} tokens per step (micro batch "
+        f"{t.micro_batch_size} x grad_accum {t.grad_accum} x {world} ranks)",
+        f"data: {stores}",
+    ]
 
 
 def build_callbacks(recipe: "Recipe", data: TrainingData, sink: MetricsSink, run_dir: Path) -> list[Callback]:
     """The recipe's periodic work, in the order it runs after each step."""
     t, model = recipe.config.trainer, recipe.model
     tokens_per_step = global_batch_size(t, recipe.world_size) * recipe.config.data.seq_len
-    callbacks = [MetricsLogger(sink, t, data, tokens_per_step, flops_per_token(model, recipe.config.data.seq_len),
+    callbacks: list[Callback] = [MetricsLogger(sink, t, data, tokens_per_step, flops_per_token(model, recipe.config.data.seq_len),
                                model.moe_layer_indices)]
     if t.heatmap_interval is not None:
         report = RoutingReport(run_dir / "routing", t.heatmap_interval, model.num_experts_per_tok,
                                model.moe_layer_indices)
         callbacks.append(RoutingHeatmap(report, sink))
-    return [*callbacks, Evaluator(sink, t, data), PreemptionCheck(t), Checkpointer(run_dir / "checkpoints", t)]
+    # The stop check's flags go over gloo: a CPU tensor, so reading them never waits on the device.
+    stop_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return [RunHeader(recipe, data, run_dir), *callbacks, Evaluator(sink, t, data), FlushMetrics(sink),
+            StopCheck(dist.get_rank(), stop_group), Checkpointer(run_dir / "checkpoints", t)]

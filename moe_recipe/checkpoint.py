@@ -16,6 +16,9 @@ resume ignores and the next save removes. Resume scans for the newest complete f
 (kept for DeepSpeed's tools such as zero_to_fp32.py), and checks every file against the manifest before loading:
 `check_resume` does that once per rank, before any process group exists, and hands the manifest it read on in a
 `ResumePoint` for `load_checkpoint`.
+
+Retention (`prune_checkpoints`, after each save): the newest `trainer.keep_last`, every `trainer.keep_every`-th and
+the one `latest` names stay; a removed checkpoint is renamed to `step_XXXXXXXX.deleting` before its files go.
 """
 
 import inspect
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "checkpoint.json"
 FORMAT = "moe-recipe-checkpoint-v1"
 INCOMPLETE = ".incomplete"
+DELETING = ".deleting"  # a checkpoint being removed (prune_checkpoints)
 _TAG = re.compile(r"^step_(\d{8})$")
 
 # Bookkeeping, legitimately different between jobs.
@@ -182,6 +186,32 @@ def _unreadable(path: Path) -> str | None:
         except SafetensorError as err:
             return f"is not a readable safetensors file ({err})"
     return None
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep_last: int | None, keep_every: int | None = None) -> list[Path]:
+    """Rank 0, after a save: remove complete checkpoints but the newest `keep_last`, those whose step is a multiple of
+    `keep_every`, and the one `latest` names. Returns the removed ones.
+
+    A checkpoint is first renamed to `step_XXXXXXXX.deleting` (atomic), so a process killed while deleting leaves a
+    folder that resume and export never take for a checkpoint; the next prune finishes removing it."""
+    for leftover in checkpoint_dir.glob(f"step_*{DELETING}"):
+        shutil.rmtree(leftover)
+    if keep_last is None:
+        return []
+    complete = list_checkpoints(checkpoint_dir)
+    latest = checkpoint_dir / "latest"
+    keep = {*complete[-keep_last:], checkpoint_dir / latest.read_text().strip()} if latest.is_file() \
+        else set(complete[-keep_last:])
+    removed = []
+    for path in complete:
+        if path in keep or (keep_every is not None and int(_TAG.match(path.name).group(1)) % keep_every == 0):
+            continue
+        doomed = path.with_name(path.name + DELETING)
+        os.rename(path, doomed)
+        fsync_path(checkpoint_dir)
+        shutil.rmtree(doomed)
+        removed.append(path)
+    return removed
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:

@@ -123,6 +123,8 @@ class TrainerConfig:
     resume: str = "auto"  # auto: continue from run_dir's latest checkpoint if any; none: start fresh; or a path
     peak_flops_per_device: float | None = None  # for MFU; guessed from the GPU name when unset
     heatmap_interval: int | None = 100  # expert-load heatmap every N steps (run_dir/routing, W&B image); None: off
+    keep_last: int | None = 3  # checkpoints kept: the newest N (None: all) ...
+    keep_every: int | None = None  # ... and every one whose step is a multiple of N, for good (milestones)
 
 
 @dataclass
@@ -193,7 +195,7 @@ def validate(cfg: RecipeConfig, world_size: int, tokenizer_vocab_size: int | Non
                  "checkpoint_interval", "log_interval"):
         if getattr(t, name) < 1:
             raise ValueError(f"trainer.{name}={getattr(t, name)} must be >= 1.")
-    for name in ("token_budget", "stop_after_steps", "heatmap_interval"):
+    for name in ("token_budget", "stop_after_steps", "heatmap_interval", "keep_last", "keep_every"):
         if getattr(t, name) is not None and getattr(t, name) < 1:
             raise ValueError(f"trainer.{name}={getattr(t, name)} must be >= 1, or null.")
     if t.peak_flops_per_device is not None and t.peak_flops_per_device <= 0:

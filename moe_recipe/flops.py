@@ -42,10 +42,18 @@ def active_params_per_token(config: MoeConfig) -> int:
     return config.num_hidden_layers * attn + num_dense * dense_ffn + num_moe * moe_ffn + d * config.vocab_size
 
 
+def total_params(config: MoeConfig) -> int:
+    """Every parameter of the model: the active ones, the experts a token skips, the input embedding if untied."""
+    unused_experts = config.num_experts - config.num_experts_per_tok
+    embedding = 0 if config.tie_word_embeddings else config.hidden_size * config.vocab_size
+    return (active_params_per_token(config) + embedding
+            + len(config.moe_layer_indices) * unused_experts * 3 * config.hidden_size * config.moe_intermediate_size)
+
+
 def flops_per_token(config: MoeConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 x active params plus attention scores (PaLM's appendix B)."""
     attn_scores = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
     return 6 * active_params_per_token(config) + attn_scores
 
 
-__all__ = ["PEAK_BF16_FLOPS", "active_params_per_token", "flops_per_token", "guess_peak_flops", "peak_flops_of"]
+__all__ = ["PEAK_BF16_FLOPS", "active_params_per_token", "flops_per_token", "guess_peak_flops", "peak_flops_of", "total_params"]

@@ -1,10 +1,13 @@
 """The training loop: the step function (train_step.py) over the steps of this job, and the callbacks after each.
 
-Only rank 0 prints (its logging level is INFO, the other ranks' WARNING); the progress bar is rank 0's too.
+Only rank 0 prints (its logging level is INFO, the other ranks' WARNING). The progress bar is rank 0's too, and
+only on a terminal: in a file (Slurm's output, a redirect) its carriage returns are noise, and the log's line per log
+step (callbacks.MetricsLogger) says the same.
 """
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Iterator
 
@@ -29,7 +32,8 @@ class Trainer:
 
     `grad_clip`: the norm the recipe clips to itself (`engine.recipe_clips_gradients`), else None (DeepSpeed clips).
     The callbacks read the trainer's state: `step` (steps done), `total_steps`, `end_step` (this job's last), and
-    set `stop_requested` (preemption) and `routing_window` (the last log window's routing metrics).
+    set `stop_requested` ("interrupt": Ctrl-C, "preempt": SIGTERM/SIGUSR1; callbacks.StopCheck) and `routing_window`
+    (the last log window's routing metrics).
     """
 
     def __init__(self, engine, t: TrainerConfig, data: TrainingData, *, total_steps: int, callbacks: list[Callback],
@@ -41,10 +45,11 @@ class Trainer:
         self.device = engine.device
         self.global_batch_size = global_batch_size(t, self.world_size)
         self.step = self.end_step = 0
-        self.stop_requested = False
+        self.stop_requested: str | None = None
         self.routing_window: tuple[int, MoeRoutingMetrics] | None = None
         self.progress: tqdm | None = None
         self._clock_start, self._paused_s = time.perf_counter(), 0.0
+        self._fit_start, self._first_step = time.perf_counter(), 0
 
     def fit(self) -> None:
         self.step = load_checkpoint(self.engine, self.resume_from) if self.resume_from is not None else 0
@@ -55,11 +60,13 @@ class Trainer:
         if self.t.stop_after_steps is not None:
             self.end_step = min(self.end_step, self.step + self.t.stop_after_steps)
         # Log lines go through tqdm.write while the bar is up, so they do not tear it.
-        with logging_redirect_tqdm(), tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0,
+        show_bar = self.rank == 0 and sys.stderr.isatty()
+        with logging_redirect_tqdm(), tqdm(total=self.total_steps, initial=self.step, disable=not show_bar,
                                            desc="train", dynamic_ncols=True) as self.progress:
             self.engine.train()
             for callback in self.callbacks:
                 callback.pre_train(self)
+            self._fit_start, self._first_step = time.perf_counter(), self.step
             while self.step < self.end_step and not self.stop_requested:
                 result = train_step(self.engine, self.micro_batches(self.step), self.grad_clip)
                 self.step += 1
@@ -67,7 +74,8 @@ class Trainer:
                 for callback in self.callbacks:
                     callback.post_step(self, result)
         if self.stop_requested:
-            log.info("stopping at step %d after preemption signal", self.step)
+            log.info("stopped at step %d (%s); the same command resumes from its checkpoint", self.step,
+                     "Ctrl-C" if self.stop_requested == "interrupt" else "preemption signal")
 
     def micro_batches(self, step: int) -> Iterator[torch.Tensor]:
         """This rank's micro batches of global batch `step`."""
@@ -85,6 +93,11 @@ class Trainer:
             yield
         finally:
             self._paused_s += time.perf_counter() - start
+
+    def eta_seconds(self) -> float:
+        """Wall time to `end_step` at this job's pace so far (evals and checkpoints included)."""
+        done = self.step - self._first_step
+        return (time.perf_counter() - self._fit_start) / max(done, 1) * (self.end_step - self.step)
 
     def window_seconds(self) -> float:
         """Training time since the last call (wall time, less the paused time), and start the next window."""

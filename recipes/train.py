@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -113,7 +114,8 @@ def train(cfg: RecipeConfig, recipe: Recipe, data: TrainingData) -> None:
     if rank == 0:  # only now: a run refused earlier leaves an existing run directory's files as they were
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(recipe.resolved))
         (run_dir / "ds_config.json").write_text(json.dumps(recipe.deepspeed, indent=2))
-    metrics = MetricsSink(run_dir, cfg.logging, cfg.name, recipe.resolved, enabled=rank == 0)
+    resume_step = recipe.resume_from.step if recipe.resume_from is not None else 0
+    metrics = MetricsSink(run_dir, cfg.logging, cfg.name, recipe.resolved, enabled=rank == 0, resume_step=resume_step)
     trainer = Trainer(engine, cfg.trainer, data, total_steps=recipe.total_steps, grad_clip=recipe_grad_clip(cfg),
                       callbacks=build_callbacks(recipe, data, metrics, run_dir), resume_from=recipe.resume_from)
     try:
@@ -124,7 +126,7 @@ def train(cfg: RecipeConfig, recipe: Recipe, data: TrainingData) -> None:
         recipe.tokenizer.save_pretrained(run_dir / "tokenizer")
     dist.barrier()
     dist.destroy_process_group()
-    if trainer.stop_requested:
+    if trainer.stop_requested == "preempt":  # Slurm's scripts requeue the job on this code; Ctrl-C exits 0
         sys.exit(int(os.environ.get("MOE_PREEMPT_EXIT_CODE", "0")))
 
 
@@ -152,7 +154,21 @@ def hydra_main(hydra_cfg: DictConfig) -> None:
     train(recipe.config, recipe, data)
 
 
+def stop_quietly_on_ctrl_c() -> None:
+    """Ctrl-C (or the launcher's SIGTERM that follows it) before training starts, where the trainer's StopCheck
+    takes over: exit with one line from rank 0, not a traceback from every rank. SystemExit unwinds, so a lock held
+    meanwhile (torch's on DeepSpeed's comm op, taken at every load) is released, not left behind."""
+    def stop(signum, frame):
+        if is_rank_zero():
+            os.write(2, f"{signal.Signals(signum).name}: stopped before training started\n".encode())
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main() -> None:
+    stop_quietly_on_ctrl_c()
     sys.argv = strip_launcher_args(sys.argv)
     # Hydra prints a config it cannot compose (a wrong type, an unknown key) its own way and exits 1; with
     # HYDRA_FULL_ERROR it raises instead, and the error gets the recipe's one line and exit status 2.

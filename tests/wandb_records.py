@@ -48,3 +48,20 @@ def history_and_config(run_dir: Path) -> tuple[list[dict], dict]:
             updates = record.run.config.update if kind == "run" else record.config.update
             config.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in updates})
     return history, config
+
+
+def offline_segments(run_dir: Path) -> list[tuple[str, list[int]]]:
+    """(run id, the `_step` of each history row) of every offline run folder under run_dir/wandb, in start order:
+    what `wandb sync --id RUN_ID run_dir/wandb/offline-run-*` uploads, one job after the other."""
+    segments = []
+    for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
+        (log_file,) = folder.glob("*.wandb")
+        run_id, steps = None, []
+        for record in read_records(log_file):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run_id = record.run.run_id
+            elif kind == "history":
+                steps.append(record.history.step.num)
+        segments.append((run_id, steps))
+    return segments
