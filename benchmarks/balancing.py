@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from moe_recipe.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {  # method -> its overrides; the loss coefficient is the one each method is used with
     "none": ["model.router.balance=none", "model.router_aux_loss_coef=0"],
@@ -68,7 +70,7 @@ def per_layer(record: dict, name: str) -> dict[int, float]:
 
 
 def summarize(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     train_records = [r for r in records if "train/loss" in r]
     last = train_records[-1]
     eval_loss = [r["eval/loss"] for r in records if "eval/loss" in r][-1]

@@ -95,7 +95,9 @@ def read_training(path: Path) -> dict | None:
     """The run's own metrics.jsonl: every logged window, and the last one (past the first steps' warm-up)."""
     if not path.exists():
         return None
-    windows = [row for row in map(json.loads, path.read_text().splitlines()) if "perf/tokens_per_s" in row]
+    from moe_recipe.metrics import read_metrics
+
+    windows = [row for row in read_metrics(path) if "perf/tokens_per_s" in row]
     if not windows:
         return None
     last = windows[-1]

@@ -308,9 +308,9 @@ def run_header(recipe: "Recipe", data: TrainingData, run_dir: Path, trainer: "Tr
                        for c in data.components)
     return [
         f"run {run_dir}: {start}; steps {trainer.step} to {trainer.end_step} of {trainer.total_steps}",
-        f"layout: {world} rank{'s' * (world > 1)}; dense weights data-parallel over all {world}, experts split over ep_size {ep} "
-        f"and each replicated over {dp}; ZeRO stage {cfg.zero.stage}; {resolve_precision(t.precision)}; "
-        f"{model.moe_backend} MoE layers",
+        f"layout: {world} rank{'s' * (world > 1)}; dense weights data-parallel over all {world}, experts split "
+        f"over ep_size {ep} and each replicated over {dp}; ZeRO stage {cfg.zero.stage}; "
+        f"{resolve_precision(t.precision)}; {model.moe_backend} MoE layers",
         f"model: {total_params(model) / 1e6:,.1f}M parameters, {active_params_per_token(model) / 1e6:,.1f}M active "
         f"per token; {model.num_experts} experts, top {model.num_experts_per_tok}, "
         f"{len(model.moe_layer_indices)} MoE layers of {model.num_hidden_layers}",
@@ -324,8 +324,9 @@ def build_callbacks(recipe: "Recipe", data: TrainingData, sink: MetricsSink, run
     """The recipe's periodic work, in the order it runs after each step."""
     t, model = recipe.config.trainer, recipe.model
     tokens_per_step = global_batch_size(t, recipe.world_size) * recipe.config.data.seq_len
-    callbacks: list[Callback] = [MetricsLogger(sink, t, data, tokens_per_step, flops_per_token(model, recipe.config.data.seq_len),
-                               model.moe_layer_indices)]
+    callbacks: list[Callback] = [MetricsLogger(sink, t, data, tokens_per_step,
+                                               flops_per_token(model, recipe.config.data.seq_len),
+                                               model.moe_layer_indices)]
     if t.heatmap_interval is not None:
         report = RoutingReport(run_dir / "routing", t.heatmap_interval, model.num_experts_per_tok,
                                model.moe_layer_indices)

@@ -56,4 +56,5 @@ def flops_per_token(config: MoeConfig, seq_len: int) -> float:
     return 6 * active_params_per_token(config) + attn_scores
 
 
-__all__ = ["PEAK_BF16_FLOPS", "active_params_per_token", "flops_per_token", "guess_peak_flops", "peak_flops_of", "total_params"]
+__all__ = ["PEAK_BF16_FLOPS", "active_params_per_token", "flops_per_token", "guess_peak_flops", "peak_flops_of",
+           "total_params"]

@@ -1,7 +1,6 @@
 """Helpers shared by the tests: processes (a free port, torchrun, a timeout, the output on failure), the recipe's
 config composed as the entry point composes it, and what a training run leaves in its run directory."""
 
-import json
 import os
 import socket
 import subprocess
@@ -43,10 +42,11 @@ def torchrun(script: Path, nprocs: int, args: list[str], timeout: int = 600, che
 
 
 def train_rows(run_dir: Path) -> dict[int, dict]:
-    """The last training row logged for each step in run_dir/metrics.jsonl (a resumed run appends to the file)."""
+    """The training record of each step in run_dir/metrics.jsonl."""
+    from moe_recipe.metrics import read_metrics
+
     rows = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(run_dir):
         if "train/loss" in row:
             rows[row["step"]] = row
     return rows

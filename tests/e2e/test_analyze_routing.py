@@ -14,6 +14,7 @@ from moe_model.routing import route_tokens
 from moe_recipe import analyze_routing
 from moe_recipe.recipe import load_recipe
 from moe_recipe.export import export
+from moe_recipe.metrics import read_metrics
 from tests.helpers import REPO, run_command
 from tests.wandb_records import history_and_config
 
@@ -44,7 +45,7 @@ def test_training_writes_expert_load_heatmaps(run_dir):
     for row in snapshot["received_share"] + snapshot["demand_share"]:
         assert sum(row) == pytest.approx(1.0)
     assert all(0.0 <= d < 1.0 for d in snapshot["dropped_fraction"])
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     assert all(row["routing/layer_1/max_demand"] >= 1.0 for row in rows if "train/loss" in row)
 
     history, _ = history_and_config(run_dir)

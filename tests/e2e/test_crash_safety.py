@@ -27,7 +27,8 @@ pytestmark = pytest.mark.e2e
 # ZeRO-1 partitions the optimizer state (over 2 ranks in the EP 2 job). RTS draws from each rank's RNG: off, so that
 # EP 1 and EP 2 jobs compute the same thing. With 2 sequences per rank and micro step at both world sizes (grad_accum
 # 2 on one rank), every micro batch holds the same sequences.
-COMMON = ["model.use_rts=false", "zero=stage1", "trainer.checkpoint_interval=1", "trainer.eval_interval=100"]
+COMMON = ["model.use_rts=false", "zero=stage1", "trainer.checkpoint_interval=1", "trainer.eval_interval=100",
+          "trainer.keep_last=null"]  # every checkpoint stays: the test names them
 ONE_RANK = [*COMMON, "trainer.grad_accum=2"]
 TWO_RANKS = [*COMMON, "parallel.ep_size=2", "trainer.grad_accum=1"]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from moe_recipe.metrics import read_metrics
 from tests.helpers import REPO, process_env, run_command
 
 pytestmark = pytest.mark.e2e
@@ -63,7 +64,7 @@ def test_moe_train_and_moe_plan_run_from_an_empty_folder(installed, tmp_path):
                 cwd=tmp_path, env=env)
     # Relative paths (trainer.run_dir, data.cache_dir) start at the working directory.
     run_dir = tmp_path / "runs" / "default"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     assert [row["step"] for row in rows if "train/loss" in row] == [1, 2, 3]
     assert (run_dir / "checkpoints" / "step_00000003" / "checkpoint.json").is_file()
     assert (run_dir / "tokenizer" / "tokenizer.json").is_file()

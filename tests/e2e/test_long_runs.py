@@ -18,7 +18,7 @@ from moe_recipe.checkpoint import list_checkpoints
 from moe_recipe.deepspeed_compat import torch_extension_build_lock
 from moe_recipe.engine import SHM_COMM_OP
 from moe_recipe.metrics import read_metrics
-from tests.helpers import REPO, free_port, overrides, process_env, run_command
+from tests.helpers import REPO, free_port, overrides, process_env
 from tests.wandb_records import offline_segments
 
 pytestmark = pytest.mark.e2e
