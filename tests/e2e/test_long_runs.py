@@ -18,7 +18,7 @@ from moe_recipe.checkpoint import list_checkpoints
 from moe_recipe.deepspeed_compat import torch_extension_build_lock
 from moe_recipe.engine import SHM_COMM_OP
 from moe_recipe.metrics import read_metrics
-from tests.helpers import REPO, free_port, overrides, process_env
+from tests.helpers import REPO, free_port, overrides, process_env, run_command
 from tests.wandb_records import offline_segments
 
 pytestmark = pytest.mark.e2e
@@ -122,3 +122,15 @@ def test_kill_ctrl_c_and_resume_leave_one_history(tmp_path):
     # Retention: the newest 2 and the multiples of 8 (8, 16, 24).
     kept = [int(p.name.removeprefix("step_")) for p in list_checkpoints(run_dir / "checkpoints")]
     assert kept == sorted({*[8, 16], 20, 24})
+
+
+def test_ten_saves_keep_the_newest_three_and_the_milestone(tmp_path):
+    run_dir = tmp_path / "run"
+    run_command([sys.executable, "recipes/train.py",
+                 *overrides(run_dir, "trainer.max_steps=10", "trainer.checkpoint_interval=1", "trainer.keep_last=3",
+                            "trainer.keep_every=5", "trainer.eval_interval=100", "trainer.heatmap_interval=null")])
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "latest", "step_00000005", "step_00000008", "step_00000009", "step_00000010"]
+    assert (checkpoints / "latest").read_text() == "step_00000010"
+    assert "removed step_00000007: trainer.keep_last=3" in (run_dir / "train.log").read_text()
