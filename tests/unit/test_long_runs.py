@@ -3,7 +3,6 @@ checkpoint retention (a kill while deleting leaves nothing resume could take), t
 parameter count. The same pieces run together under the launcher in tests/e2e/test_long_runs.py."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
