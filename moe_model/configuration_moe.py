@@ -68,7 +68,7 @@ class MoeBackend:
     residual_moe: bool  # use_residual (PR-MoE)
     zero3: bool  # trains under ZeRO stage 3
     portable_checkpoint: bool  # layout-independent checkpoint state: resume at another layout, moe-export
-    mixtral_export: bool  # moe-export --format mixtral
+    mixtral_export: bool  # moe-export --format mixtral and the other stock formats (moe_recipe/stock_export.py)
     planned: bool  # moe-plan models its memory and all-to-all
 
 
