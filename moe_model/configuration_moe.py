@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 SCORE_FUNCS = ("softmax", "sigmoid")
+ATTENTIONS = ("gqa", "mla")  # grouped-query attention; DeepSeek-V2/V3's Multi-head Latent Attention
 ROUTER_BALANCES = ("none", "aux", "global", "sequence")  # the balancing loss; the expert bias is router_expert_bias
 # Configs saved before the expert bias had its own field wrote it into router_balance: old spelling -> the loss.
 _BIAS_BALANCES = {"bias": "none", "bias+aux": "aux", "bias+global": "global", "bias+sequence": "sequence"}
@@ -67,7 +68,7 @@ class MoeBackend:
     residual_moe: bool  # use_residual (PR-MoE)
     zero3: bool  # trains under ZeRO stage 3
     portable_checkpoint: bool  # layout-independent checkpoint state: resume at another layout, moe-export
-    mixtral_export: bool  # moe-export --format mixtral
+    mixtral_export: bool  # moe-export --format mixtral and the other stock formats (moe_recipe/stock_export.py)
     planned: bool  # moe-plan models its memory and all-to-all
 
 
@@ -92,8 +93,8 @@ def backends_with(capability: str) -> list[str]:
 
 class MoeConfig(PretrainedConfig):
     r"""
-    A decoder-only transformer (RMSNorm, RoPE, GQA through SDPA, SwiGLU) whose feed-forwards are, on the MoE layers,
-    DeepSpeed MoE layers (`deepspeed.moe.layer.MoE`), optionally with shared experts beside the routed ones.
+    A decoder-only transformer (RMSNorm, RoPE, GQA or MLA through SDPA, SwiGLU) whose feed-forwards are, on the MoE
+    layers, DeepSpeed MoE layers (`deepspeed.moe.layer.MoE`), optionally with shared experts beside the routed ones.
 
     The keyword arguments of `__init__`, their types and defaults are also the recipe's `model` section
     (moe_recipe/config.py derives its schema from them): a setting is added here, once.
@@ -129,6 +130,16 @@ class MoeConfig(PretrainedConfig):
     ep_rank=...)`), so a saved config never says how many ranks trained it. Configs saved by earlier versions carry
     an `ep_size` key, and an `eval_capacity_factor` that never had an effect; both are dropped on load.
 
+    Attention (`attention`):
+      - "gqa": grouped-query attention, `num_attention_heads` query heads of `head_dim` sharing
+        `num_key_value_heads` key/value heads; `qk_norm` adds Qwen3's RMSNorm over each head of q and k before RoPE.
+      - "mla": DeepSeek-V2/V3's Multi-head Latent Attention (moe_model/attention_mla.py), with DeepSeek-V3's fields:
+        the query goes through a `q_lora_rank` bottleneck (None: projected directly, as DeepSeek-V2-Lite); keys and
+        values come from one `kv_lora_rank` latent per token plus one `qk_rope_head_dim` key shared by all heads,
+        which is all the KV cache holds; per head, q and k have `qk_nope_head_dim` dims without position and
+        `qk_rope_head_dim` with RoPE, v has `v_head_dim`. `num_key_value_heads`, `head_dim` and `qk_norm` are for
+        "gqa" only.
+
     Layer `i` is an MoE layer when `i >= first_k_dense_replace` and `i % moe_layer_freq == 0` (DeepSeek's rule);
     the others use a dense SwiGLU of `intermediate_size`.
 
@@ -145,6 +156,8 @@ class MoeConfig(PretrainedConfig):
     # only into a model that agrees on all of them.
     architecture_settings = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                              "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                             "attention", "qk_norm", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim",
+                             "qk_nope_head_dim", "v_head_dim",
                              "num_experts", "num_shared_experts", "use_residual", "moe_layer_freq",
                              "first_k_dense_replace", "tie_word_embeddings", "moe_backend", "router_expert_bias")
     keys_to_ignore_at_inference = ["past_key_values"]
@@ -159,6 +172,13 @@ class MoeConfig(PretrainedConfig):
         num_attention_heads: int = 4,
         num_key_value_heads: int = 2,
         head_dim: int | None = None,  # None: hidden_size // num_attention_heads (which must then divide evenly)
+        attention: str = "gqa",  # gqa | mla
+        qk_norm: bool = False,  # gqa: RMSNorm over each head of q and k before RoPE (Qwen3)
+        q_lora_rank: int | None = None,  # mla: the query's low-rank bottleneck (None: no bottleneck)
+        kv_lora_rank: int = 32,  # mla: the compressed key/value latent per token (what the cache holds)
+        qk_rope_head_dim: int = 8,  # mla: per head, the q/k dims with RoPE (k's shared by all heads)
+        qk_nope_head_dim: int = 16,  # mla: per head, the q/k dims without position
+        v_head_dim: int = 16,  # mla: per head, the value dims
         max_position_embeddings: int = 256,
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
@@ -210,6 +230,13 @@ class MoeConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
+        self.attention = attention
+        self.qk_norm = qk_norm
+        self.q_lora_rank = q_lora_rank
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.v_head_dim = v_head_dim
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
@@ -276,6 +303,7 @@ class MoeConfig(PretrainedConfig):
         if H % Hkv:
             fail(lambda n: f"{n('num_attention_heads')}={H} is not divisible by {n('num_key_value_heads')}={Hkv}; "
                  f"pick {n('num_key_value_heads')} among the divisors of {n('num_attention_heads')}.")
+        self.validate_attention(fail)
         for name in ("rope_theta", "rms_norm_eps", "capacity_factor"):
             if getattr(self, name) <= 0:
                 fail(lambda n: f"{n(name)}={getattr(self, name)} must be > 0.")
@@ -324,6 +352,24 @@ class MoeConfig(PretrainedConfig):
         for message in self.ineffective_settings():
             warnings.warn(f"MoeConfig: {message}", stacklevel=3)
 
+    def validate_attention(self, fail: Callable[[Message], None]) -> None:
+        if self.attention not in ATTENTIONS:
+            fail(lambda n: f"{n('attention')}={self.attention!r} must be one of {list(ATTENTIONS)}.")
+        if self.attention != "mla":
+            return
+        if self.qk_norm:
+            fail(lambda n: f"{n('qk_norm')}=true is for {n('attention')}='gqa'; MLA normalises its latents instead. "
+                 f"Set {n('qk_norm')}=false.")
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                fail(lambda n: f"{n(name)}={getattr(self, name)} must be >= 1.")
+        if self.qk_nope_head_dim < 0:
+            fail(lambda n: f"{n('qk_nope_head_dim')}={self.qk_nope_head_dim} must be >= 0.")
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            fail(lambda n: f"{n('q_lora_rank')}={self.q_lora_rank} must be >= 1, or null for no query bottleneck.")
+        if self.qk_rope_head_dim % 2:
+            fail(lambda n: f"{n('qk_rope_head_dim')}={self.qk_rope_head_dim} must be even for rotary embeddings.")
+
     def validate_router(self, fail: Callable[[Message], None]) -> None:
         if self.router_balance not in ROUTER_BALANCES:
             fail(lambda n: f"{n('router_balance')}={self.router_balance!r} must be one of {list(ROUTER_BALANCES)} "
@@ -371,9 +417,18 @@ class MoeConfig(PretrainedConfig):
             messages.append(f"router_aux_loss_coef={self.router_aux_loss_coef} has no effect with router_balance="
                             f"{self.router_balance!r} (no balancing loss); set it to 0, or use "
                             "router_balance='sequence' for DeepSeek-V3's small sequence-wise loss.")
+        if self.attention == "mla" and self.num_key_value_heads != self.num_attention_heads:
+            messages.append(f"num_key_value_heads={self.num_key_value_heads} has no effect with attention='mla' (every "
+                            "head gets its own keys and values from the shared latent); set it to num_attention_heads="
+                            f"{self.num_attention_heads}.")
         if not self.router_expert_bias and self.router_bias_update_rate != 0.001:
             messages.append("router_bias_update_rate has no effect without the expert bias (router_expert_bias=true).")
         return messages
+
+    @property
+    def rope_head_dim(self) -> int:
+        """The dims RoPE rotates per head: head_dim with GQA, qk_rope_head_dim with MLA."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
     @property
     def balance_loss(self) -> str | None:
@@ -427,5 +482,5 @@ class MoeConfig(PretrainedConfig):
         return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
 
 
-__all__ = ["MOE_BACKENDS", "ROUTER_BALANCES", "SCORE_FUNCS", "MoeBackend", "MoeConfig", "MoeConfigError",
+__all__ = ["ATTENTIONS", "MOE_BACKENDS", "ROUTER_BALANCES", "SCORE_FUNCS", "MoeBackend", "MoeConfig", "MoeConfigError",
            "backends_with", "upgrade_config_dict"]

@@ -7,6 +7,8 @@ layer are in routing.py.
 Shape legend used in tensor names:
     B batch, S query length, P cached (past) length, T tokens (B * S), D hidden size, V vocab,
     H attention heads, Hkv key/value heads, Dh head dim, E experts, L MoE layers.
+The Multi-head Latent Attention (`MoeConfig.attention="mla"`) is in attention_mla.py; RMSNorm and RoPE's rotation,
+which both attentions use, in layers.py.
 """
 
 from dataclasses import dataclass
@@ -20,27 +22,17 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from .attention_mla import MoeMLAttention
 from .configuration_moe import MoeConfig
+from .layers import MoeRMSNorm, apply_rotary_pos_emb
 from .moe_blocks import MoeAutoEPBlock, MoeExperts, MoeMLP, MoeSparseBlock
 from .routing import EXPERT_BIAS, MoeRouterState, MoeRoutingMetrics, routers_post_step
-
-
-class MoeRMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fp32 = x.float()
-        x_fp32 = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x_fp32.to(x.dtype)
 
 
 class MoeRotaryEmbedding(nn.Module):
     def __init__(self, config: MoeConfig) -> None:
         super().__init__()
-        self.head_dim = config.head_dim
+        self.head_dim = config.rope_head_dim
         self.rope_theta = config.rope_theta
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
@@ -55,18 +47,9 @@ class MoeRotaryEmbedding(nn.Module):
         return emb_BSDh.cos().to(x.dtype), emb_BSDh.sin().to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(q, k, cos_BSDh, sin_BSDh):
-    cos, sin = cos_BSDh.unsqueeze(1), sin_BSDh.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
 class MoeAttention(nn.Module):
-    """Grouped-query attention through `F.scaled_dot_product_attention` (fused kernels where the device has them)."""
+    """Grouped-query attention through `F.scaled_dot_product_attention` (fused kernels where the device has them);
+    with `qk_norm`, Qwen3's RMSNorm over each head of q and k before RoPE."""
 
     def __init__(self, config: MoeConfig, layer_idx: int) -> None:
         super().__init__()
@@ -78,12 +61,18 @@ class MoeAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = MoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = MoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x_BSD, position_embeddings, attn_mask, past_key_values: Cache | None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q_BHSDh = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k_BHkvSDh = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BHkvSDh = self.v_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q_BHSDh, k_BHkvSDh = self.q_norm(q_BHSDh), self.k_norm(k_BHkvSDh)
         q_BHSDh, k_BHkvSDh = apply_rotary_pos_emb(q_BHSDh, k_BHkvSDh, *position_embeddings)
         if past_key_values is not None:
             k_BHkvSDh, v_BHkvSDh = past_key_values.update(k_BHkvSDh, v_BHkvSDh, self.layer_idx)
@@ -101,7 +90,7 @@ class MoeAttention(nn.Module):
 class MoeDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MoeConfig, layer_idx: int, ep_size: int = 1, ep_rank: int = 0) -> None:
         super().__init__()
-        self.self_attn = MoeAttention(config, layer_idx)
+        self.self_attn = (MoeMLAttention if config.attention == "mla" else MoeAttention)(config, layer_idx)
         self.is_moe = config.is_moe_layer(layer_idx)
         self.router_state = MoeRouterState(config, self.expert_bias_owner) if self.is_moe else None
         if not self.is_moe:

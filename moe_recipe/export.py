@@ -11,47 +11,33 @@ process group or GPU is needed, and the layout it was trained at does not matter
 (`...gate.e_score_correction_bias`, kept in fp32 whatever --dtype) where the model routes with one. Load it with
     import moe_model  # registers model_type "deepspeed_moe" with the Auto classes
     model = AutoModelForCausalLM.from_pretrained(folder)
---format mixtral: transformers' own MixtralForCausalLM, in the original Mixtral file layout
-(block_sparse_moe.experts.N.w1/w2/w3), loadable without this project. Only where the model is a Mixtral: every
-layer MoE, no shared experts, no residual MoE, and Mixtral's routing (softmax scores, the top-k weights renormalised,
-no expert bias, no groups, no scaling; so top-1 only with router_norm_topk_prob=true). Neither model drops tokens
-at inference (capacity dropping is a training device), so the export's logits equal this model's.
+--format mixtral | qwen3_moe | qwen2_moe | deepseek_v3: transformers' own MixtralForCausalLM, Qwen3MoeForCausalLM,
+Qwen2MoeForCausalLM or DeepseekV3ForCausalLM in its original file layout, loadable without this project, where that
+class computes this model (stock_export.py: what each needs, and the reasons it refuses otherwise). Neither side drops
+tokens at inference (capacity dropping is a training device), so the export's logits equal this model's.
 
 The folder holds JSON and safetensors files only: no pickles.
 """
 
 import argparse
 import logging
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from huggingface_hub import save_torch_state_dict
-from transformers import AutoTokenizer, GenerationConfig, MixtralConfig
+from transformers import AutoTokenizer, GenerationConfig
 
 from moe_model import MoeConfig
 
 from .checkpoint import INCOMPLETE, MANIFEST, list_checkpoints, read_manifest
 from .errors import check_output_folder, refuse_bad_input
 from .reshard import read_weights
+from .stock_export import STOCK_FORMATS, to_stock
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-_MIXTRAL_NAMES = [  # (our global name, Mixtral's name in its original checkpoint layout)
-    (r"(model\.layers\.\d+)\.mlp\.moe\.deepspeed_moe\.gate\.wg\.weight", r"\1.block_sparse_moe.gate.weight"),
-    (r"(model\.layers\.\d+)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.gate_proj\.weight",
-     r"\1.block_sparse_moe.experts.\2.w1.weight"),
-    (r"(model\.layers\.\d+)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.up_proj\.weight",
-     r"\1.block_sparse_moe.experts.\2.w3.weight"),
-    (r"(model\.layers\.\d+)\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.down_proj\.weight",
-     r"\1.block_sparse_moe.experts.\2.w2.weight"),
-    (r"(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|input_layernorm|post_attention_layernorm)\.weight)", r"\1"),
-    (r"(model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight)", r"\1"),
-]
-
 
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint folder itself, or the newest complete checkpoint of a checkpoints folder or a run folder."""
@@ -86,62 +72,6 @@ def find_tokenizer(checkpoint: Path, tokenizer: Path | None) -> Path:
     raise ValueError(f"no tokenizer found (looked in {', '.join(map(str, candidates))}); pass --tokenizer FOLDER.")
 
 
-def mixtral_blockers(config: MoeConfig) -> list[str]:
-    """What keeps this model from being a MixtralForCausalLM (empty: it is one): its architecture, or routing that
-    Mixtral's router (softmax over all experts, top-k, weights divided by their sum) does not compute."""
-    blockers = []
-    if config.num_shared_experts:
-        blockers.append(f"shared experts (num_shared_experts={config.num_shared_experts})")
-    if config.use_residual:
-        blockers.append("residual MoE (use_residual=true)")
-    if len(config.moe_layer_indices) != config.num_hidden_layers:
-        blockers.append(f"dense layers (first_k_dense_replace={config.first_k_dense_replace}, "
-                        f"moe_layer_freq={config.moe_layer_freq})")
-    if config.router_score_func != "softmax":
-        blockers.append(f"router_score_func={config.router_score_func!r} (Mixtral's scores are a softmax)")
-    if config.uses_expert_bias:
-        blockers.append("the expert bias (router_expert_bias=True; Mixtral's router has none)")
-    if config.router_n_group is not None:
-        blockers.append(f"group-limited routing (router_n_group={config.router_n_group}, router_topk_group="
-                        f"{config.router_topk_group})")
-    if config.router_scaling_factor != 1.0:
-        blockers.append(f"router_scaling_factor={config.router_scaling_factor} (Mixtral's is 1)")
-    if not config.norm_topk:
-        blockers.append("top-1 routing (the weight is the softmax probability, Mixtral's is 1; "
-                        "router_norm_topk_prob=true would match)" if config.num_experts_per_tok == 1 else
-                        "router_norm_topk_prob=false (Mixtral divides the top-k weights by their sum)")
-    if not config.backend_support.mixtral_export:
-        blockers.append(f"moe_backend={config.moe_backend!r}")
-    return blockers
-
-
-def to_mixtral(config: MoeConfig, weights: dict[str, torch.Tensor]) -> tuple[MixtralConfig, dict[str, torch.Tensor]]:
-    blockers = mixtral_blockers(config)
-    if blockers:
-        raise ValueError(f"--format mixtral needs Mixtral's architecture; this model has {', '.join(blockers)}. "
-                         "Export it with --format hf.")
-    mixtral = MixtralConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.moe_intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act="silu",
-        max_position_embeddings=config.max_position_embeddings, initializer_range=config.initializer_range,
-        rms_norm_eps=config.rms_norm_eps, use_cache=config.use_cache, tie_word_embeddings=config.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        num_local_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
-        router_aux_loss_coef=config.router_aux_loss_coef, pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-    )
-    renamed = {}
-    for name, tensor in weights.items():
-        for pattern, target in _MIXTRAL_NAMES:
-            if re.fullmatch(pattern, name):
-                renamed[re.sub(pattern, target, name)] = tensor
-                break
-        else:
-            raise ValueError(f"{name} has no place in MixtralForCausalLM; export with --format hf.")
-    return mixtral, renamed
-
-
 def export(checkpoint: Path, output: Path, fmt: str = "hf", dtype: str = "float32",
            tokenizer: Path | None = None) -> Path:
     """Write the HF folder; it appears under its final name only once complete. Returns the checkpoint used."""
@@ -157,11 +87,10 @@ def export(checkpoint: Path, output: Path, fmt: str = "hf", dtype: str = "float3
     # Buffers (the expert bias) keep their fp32: a bias rounded to bf16 would change which experts a token picks.
     weights = {name: tensor if manifest["tensors"][name].get("buffer") else tensor.to(DTYPES[dtype])
                for name, tensor in read_weights(checkpoint, manifest["tensors"]).items()}
-    if fmt == "mixtral":
-        config, weights = to_mixtral(config, weights)
-        config.architectures = ["MixtralForCausalLM"]
-    else:
+    if fmt == "hf":
         config.architectures = ["MoeForCausalLM"]
+    else:
+        config, weights = to_stock(fmt, config, weights)
     config.dtype = dtype
 
     partial = output.with_name(output.name + INCOMPLETE)
@@ -182,8 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="moe-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a checkpoint (step_XXXXXXXX), checkpoints or run folder")
     parser.add_argument("output", type=Path, help="the folder to create")
-    parser.add_argument("--format", choices=("hf", "mixtral"), default="hf",
-                        help="hf: this project's MoeForCausalLM; mixtral: transformers' MixtralForCausalLM")
+    parser.add_argument("--format", choices=("hf", *STOCK_FORMATS), default="hf",
+                        help="hf: this project's MoeForCausalLM; the others: transformers' own class ("
+                        + ", ".join(f"{name}: {f.architecture}" for name, f in STOCK_FORMATS.items())
+                        + "), where the model fits it")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the saved weights")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer folder (default: the run's tokenizer/, else its config's data.tokenizer)")

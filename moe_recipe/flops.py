@@ -28,10 +28,21 @@ def guess_peak_flops() -> float | None:
     return peak_flops_of(torch.cuda.get_device_name(torch.cuda.current_device()))
 
 
+def attention_params(config: MoeConfig) -> int:
+    """The weights of one layer's attention projections (its norms' scales excluded: no matmul)."""
+    D, H = config.hidden_size, config.num_attention_heads
+    if config.attention == "mla":
+        C, R, N, Dv, Q = (config.kv_lora_rank, config.qk_rope_head_dim, config.qk_nope_head_dim, config.v_head_dim,
+                          config.q_lora_rank)
+        query = D * H * (N + R) if Q is None else D * Q + Q * H * (N + R)
+        return query + D * (C + R) + C * H * (N + Dv) + H * Dv * D  # q; latent and shared key; k/v heads; out
+    return D * config.head_dim * (H * 2 + config.num_key_value_heads * 2)
+
+
 def active_params_per_token(config: MoeConfig) -> int:
     """Parameters a token passes through (embeddings excluded, lm_head included): k of E experts, shared ones."""
-    d, hd = config.hidden_size, config.head_dim
-    attn = d * hd * (config.num_attention_heads * 2 + config.num_key_value_heads * 2)
+    d = config.hidden_size
+    attn = attention_params(config)
     dense_ffn = 3 * d * config.intermediate_size
     moe_ffn = 3 * d * config.moe_intermediate_size * (config.num_experts_per_tok + config.num_shared_experts)
     moe_ffn += d * config.num_experts  # router
@@ -51,10 +62,16 @@ def total_params(config: MoeConfig) -> int:
 
 
 def flops_per_token(config: MoeConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active params plus attention scores (PaLM's appendix B)."""
-    attn_scores = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    """Training FLOPs per token: 6 x active params plus attention scores (PaLM's appendix B): per layer, head and
+    position attended, 2 x 3 FLOPs per dim of q.k and of the weighted sum of v (with MLA: N + R and Dv dims; its
+    expansion of the cached latent into keys and values is in the active params, once per token)."""
+    if config.attention == "mla":
+        score_and_value_dims = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+    else:
+        score_and_value_dims = 2 * config.head_dim
+    attn_scores = 6 * config.num_hidden_layers * config.num_attention_heads * score_and_value_dims * seq_len
     return 6 * active_params_per_token(config) + attn_scores
 
 
-__all__ = ["PEAK_BF16_FLOPS", "active_params_per_token", "flops_per_token", "guess_peak_flops", "peak_flops_of",
-           "total_params"]
+__all__ = ["PEAK_BF16_FLOPS", "active_params_per_token", "attention_params", "flops_per_token", "guess_peak_flops",
+           "peak_flops_of", "total_params"]

@@ -45,18 +45,34 @@ class ActivationMemory:
     peak_checkpointed: int
 
 
+def _attention_saved_bytes(c: MoeConfig, B: int, S: int, b: int) -> int:
+    """What one layer's attention saves, from its input (the norm's output, counted there) on."""
+    T, H = B * S, c.num_attention_heads
+    lse = B * H * S * FP32
+    if c.attention == "mla":
+        C, R, N, Dv, Q = c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim, c.q_lora_rank
+        # The latents' RMSNorms as the layer norms (in fp32 the kv one keeps its input's storage, the shared key
+        # with it); SDPA keeps q and k (N + R per head, new tensors), v (a view of kv_b_proj's output, which holds
+        # the keys' position-free parts too), its output and the log-sum-exp.
+        latents = T * C * (FP32 + 2 * b) + T * FP32 + (T * R * FP32 if b == FP32 else 0)
+        if Q is not None:
+            latents += T * Q * (FP32 + 2 * b) + T * FP32
+        return latents + 2 * T * H * (N + R) * b + T * H * (N + Dv) * b + T * H * Dv * b + lse
+    Dh, Hkv = c.head_dim, c.num_key_value_heads
+    # SDPA keeps q and k after RoPE, v, its output and the log-sum-exp; RoPE's cos/sin do not need grads.
+    saved = 2 * T * H * Dh * b + 2 * T * Hkv * Dh * b + lse
+    if c.qk_norm:  # per head of q and k: the fp32 input, its rsqrt and the normalised x (RoPE keeps no output)
+        saved += T * (H + Hkv) * (Dh * (FP32 + b) + FP32)
+    return saved
+
+
 def _layer_saved_bytes(c: MoeConfig, ep_size: int, B: int, S: int, b: int, capacity: int,
                        is_moe: bool) -> dict[str, int]:
     """What autograd saves in one decoder layer (checked against saved-tensor hooks in tests/unit/test_plan.py)."""
-    T, D, Dh = B * S, c.hidden_size, c.head_dim
-    H, Hkv = c.num_attention_heads, c.num_key_value_heads
+    T, D = B * S, c.hidden_size
     # RMSNorm: its fp32 input, rsqrt (T), the normalized x in the training dtype, and its output (the next input).
     norm = T * D * (FP32 + 2 * b) + T * FP32
-    items = {
-        "norms": 2 * norm,
-        # SDPA keeps q and k after RoPE, v, its output and the log-sum-exp; RoPE's cos/sin do not need grads.
-        "attention": 2 * T * H * Dh * b + 2 * T * Hkv * Dh * b + B * H * S * FP32,
-    }
+    items = {"norms": 2 * norm, "attention": _attention_saved_bytes(c, B, S, b)}
     if not is_moe:
         items["mlp"] = 4 * T * c.intermediate_size * b  # SwiGLU: gate, silu(gate), up, product
         return items
@@ -102,7 +118,7 @@ def activation_memory(c: MoeConfig, micro_batch_size: int, seq_len: int, precisi
         for kind, value in items.items():
             by_kind[kind] = by_kind.get(kind, 0) + value
     largest_layer = max(sum(items.values()) for items in layers)
-    by_kind["embedding and rope"] = T * 8 + 2 * B * S * c.head_dim * b  # token ids; cos and sin
+    by_kind["embedding and rope"] = T * 8 + 2 * B * S * c.rope_head_dim * b  # token ids; cos and sin
     by_kind["final norm"] = T * D * (FP32 + 2 * b) + T * FP32
     by_kind["log-softmax"] = T_loss * V * FP32 + T_loss * 8  # fp32 log-probs and the targets
     saved = sum(by_kind.values())
@@ -117,7 +133,7 @@ def activation_memory(c: MoeConfig, micro_batch_size: int, seq_len: int, precisi
     # and the router logits the output returns stay alive beside them.
     moe_layers = len(c.moe_layer_indices)
     saved_checkpointed = T * 8 + L * T * D * b + by_kind["final norm"] + by_kind["log-softmax"]
-    alive = 2 * B * S * c.head_dim * b + moe_layers * T * c.num_experts * FP32
+    alive = 2 * B * S * c.rope_head_dim * b + moe_layers * T * c.num_experts * FP32
     kept = saved_checkpointed - by_kind["log-softmax"] + alive
     peak_checkpointed = max(saved_checkpointed + alive + logits + loss_backward, kept + logits + 2 * largest_layer)
     return ActivationMemory(

@@ -18,7 +18,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from moe_model import MoeConfig
-from moe_recipe.export import export, mixtral_blockers
+from moe_recipe.export import export
+from moe_recipe.stock_export import mixtral_blockers
 from tests.helpers import REPO, overrides, run_command, torchrun, train_rows
 
 TRAIN = REPO / "recipes" / "train.py"
@@ -119,6 +120,22 @@ def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(trained, tmp
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="no complete checkpoint there"):
         export(tmp_path / "nowhere", tmp_path / "out")
+
+
+@pytest.mark.parametrize("fmt, reason", [
+    ("qwen3_moe", "qk_norm=False (Qwen3-MoE normalises each head of q and k"),
+    ("qwen2_moe", "no shared expert (Qwen2-MoE always has one"),
+    ("deepseek_v3", "attention='gqa' (DeepSeek-V3 has Multi-head Latent Attention"),
+])
+def test_stock_formats_the_model_does_not_fit_are_refused_with_the_reason(trained, tmp_path, fmt, reason):
+    """The tiny model (GQA without q/k norm, no shared expert) is a Mixtral only; the other formats say why not,
+    as every refused input does (exit 2, one line, nothing written). tests/unit/test_stock_export.py checks their
+    logits on the models they fit."""
+    run_dir, _, _, _ = trained
+    proc = run_command([sys.executable, "-m", "moe_recipe.export", str(run_dir), str(tmp_path / fmt), "--format", fmt],
+                       check=False)
+    assert proc.returncode == 2 and reason in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / fmt).exists()
 
 
 @pytest.mark.parametrize(

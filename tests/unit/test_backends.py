@@ -19,7 +19,7 @@ from moe_model.modeling_moe import MoeCausalLMOutputWithPast
 from moe_model.moe_blocks import MoeAutoEPBlock, MoeSparseBlock, autoep_layer_settings
 from moe_model.routing import MoeRoutingMetrics, route_tokens
 from moe_recipe.config import validate
-from moe_recipe.export import mixtral_blockers
+from moe_recipe.stock_export import mixtral_blockers
 from moe_recipe.recipe import load_recipe
 from tests.helpers import compose_recipe
 

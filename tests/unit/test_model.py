@@ -44,6 +44,11 @@ def expert_weights(model: MoeForCausalLM) -> dict[tuple[int, int, str], torch.Te
         (dict(noisy_gate_policy="RSample", num_experts_per_tok=2), "noisy_gate_policy='RSample'"),
         (dict(first_k_dense_replace=3), "first_k_dense_replace=3"),
         (dict(num_experts=0), "num_experts=0 must be >= 1"),
+        (dict(attention="mqa"), "attention='mqa' must be one of"),
+        (dict(attention="mla", qk_norm=True), "qk_norm=true is for attention='gqa'"),
+        (dict(attention="mla", qk_rope_head_dim=7), "qk_rope_head_dim=7 must be even"),
+        (dict(attention="mla", kv_lora_rank=0), "kv_lora_rank=0 must be >= 1"),
+        (dict(attention="mla", q_lora_rank=0), "q_lora_rank=0 must be >= 1, or null"),
     ],
 )
 def test_config_rejects_bad_settings_naming_the_field(tiny_config, overrides, message):
@@ -230,6 +235,40 @@ def test_generate_with_and_without_cache_agree(tiny_model, k):
     assert torch.equal(with_cache[1], greedy(model, input_ids[1:], True)[0])
 
 
+@pytest.mark.parametrize("attention", [
+    dict(qk_norm=True),
+    dict(attention="mla", num_key_value_heads=4),  # queries projected directly
+    dict(attention="mla", num_key_value_heads=4, q_lora_rank=24, qk_nope_head_dim=0, v_head_dim=8),
+])
+def test_generate_with_and_without_cache_agree_for_either_attention(tiny_model, attention):
+    """MLA's cache holds the normalised latent and the rotated shared key; decoding one token at a time from it gives
+    the whole prefix's result. Left padding changes nothing either."""
+    model = tiny_model(drop_tokens=False, **attention)
+    input_ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(greedy(model, input_ids, True), greedy(model, input_ids, False))
+    padded, attention_mask = input_ids.clone(), torch.ones_like(input_ids)
+    padded[0, :3], attention_mask[0, :3] = 0, 0
+    assert torch.equal(greedy(model, padded, True, attention_mask)[0, 3:], greedy(model, input_ids[:1, 3:], True)[0])
+
+
+def test_mla_has_deepseek_v3s_weights_and_cache(tiny_model):
+    model = tiny_model(attention="mla", num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+                       qk_nope_head_dim=12, v_head_dim=10)
+    shapes = {name.removeprefix("model.layers.0.self_attn."): tuple(p.shape)
+              for name, p in model.named_parameters() if name.startswith("model.layers.0.self_attn.")}
+    H, D = 4, 32
+    assert shapes == {"q_a_proj.weight": (24, D), "q_a_layernorm.weight": (24,), "q_b_proj.weight": (H * 20, 24),
+                      "kv_a_proj_with_mqa.weight": (16 + 8, D), "kv_a_layernorm.weight": (16,),
+                      "kv_b_proj.weight": (H * (12 + 10), 16), "o_proj.weight": (D, H * 10)}
+    attn = model.model.layers[0].self_attn
+    # Initialised as every Linear and norm: normal(0, initializer_range) weights, unit norm scales.
+    assert torch.equal(attn.kv_a_layernorm.weight, torch.ones(16))
+    assert abs(attn.kv_b_proj.weight.std().item() - model.config.initializer_range) < 0.005
+    out = model(torch.randint(1, 128, (2, 5)), use_cache=True)
+    keys, values = out.past_key_values.layers[0].keys, out.past_key_values.layers[0].values
+    assert keys.shape == (2, 1, 5, 16) and values.shape == (2, 1, 5, 8)  # the latent and the shared rotated key
+
+
 def test_generate_top1_single_sequence_with_cache(tiny_model):
     model = tiny_model(num_experts_per_tok=1, drop_tokens=False)  # min_capacity=4, the config default
     input_ids = torch.randint(1, model.config.vocab_size, (1, 8))
@@ -330,7 +369,10 @@ def test_generate_with_and_without_cache_agree_for_every_shipped_model_config(na
     arguments = moe_config_kwargs(shipped)
     num_layers = arguments["first_k_dense_replace"] + 2 * arguments["moe_layer_freq"]
     kv_heads = 4 if arguments["num_key_value_heads"] == arguments["num_attention_heads"] else 2
-    config = MoeConfig(**{**arguments, **SMALL_SHAPE, "num_hidden_layers": num_layers, "num_key_value_heads": kv_heads})
+    mla = dict(q_lora_rank=arguments["q_lora_rank"] and 24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+               v_head_dim=8, num_key_value_heads=4) if arguments["attention"] == "mla" else {}
+    config = MoeConfig(**{**arguments, **SMALL_SHAPE, "num_hidden_layers": num_layers, "num_key_value_heads": kv_heads,
+                          **mla})
     torch.manual_seed(0)
     model = MoeForCausalLM(config).eval()
     if config.uses_expert_bias:  # as after training: a bias that changes choices

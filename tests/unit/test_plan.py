@@ -20,6 +20,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from moe_model import MoeConfig, MoeForCausalLM
 from moe_model.routing import route_tokens
 from moe_recipe.config import CONF_DIR
+from moe_recipe.flops import flops_per_token
 from moe_recipe.plan import (
     DTYPE_BYTES,
     EXIT_DOES_NOT_FIT,
@@ -67,6 +68,12 @@ def saved_tensor_bytes(model, input_ids) -> int:
     {"num_shared_experts": 1, "first_k_dense_replace": 1, "num_hidden_layers": 3},
     {"num_experts_per_tok": 1, "capacity_factor": 1.0, "min_capacity": 50},  # top-1; min_capacity sets C
     {"num_experts_per_tok": 3, "num_experts": 6},  # the top-k gate
+    {"qk_norm": True},
+    # Multi-head Latent Attention, queries projected directly or through a bottleneck. v_head_dim equals the q/k
+    # head dim (8 + 8): CPU's fused SDPA needs that, and falls back to the math kernel, which keeps the attention
+    # probabilities, otherwise (GPUs' memory-efficient kernel takes another v_head_dim, as the plan assumes).
+    {"attention": "mla", "num_key_value_heads": 4, "qk_nope_head_dim": 8},
+    {"attention": "mla", "num_key_value_heads": 4, "qk_nope_head_dim": 8, "q_lora_rank": 24},
 ])
 def test_activation_bytes_equal_what_autograd_saves(tiny_config, precision, checkpointing, overrides):
     B, S = 3, 20
@@ -291,6 +298,28 @@ def test_active_params_per_token_are_what_a_token_passes_through(capsys):
     assert f"{format_count(expected)} active per token" in out
 
 
+@pytest.mark.parametrize("attention", [
+    {"model.qk_norm": "true"},
+    {"model.attention": "mla", "model.num_key_value_heads": "4"},
+    {"model.attention": "mla", "model.num_key_value_heads": "4", "model.q_lora_rank": "24", "model.v_head_dim": "8"},
+])
+def test_planned_parameters_are_the_real_models_with_either_attention(capsys, attention):
+    """Total parameters (from the model built on the meta device) and the active ones (flops.py's formula) against
+    the real tiny model, and MLA's attention FLOPs: the score and value dims per head."""
+    overrides = ["model=tiny", "model.first_k_dense_replace=1", "model.num_hidden_layers=3",
+                 *(f"{key}={value}" for key, value in attention.items())]
+    plan = json.loads(run_main(capsys, *overrides, "--json")[1])
+    config = load_recipe(overrides, world_size=1).model
+    model = MoeForCausalLM(config)
+    assert plan["total_params"] == sum(p.numel() for p in model.parameters())
+    expected = sum(p.numel() * (config.num_experts_per_tok / config.num_experts if "deepspeed_experts" in name else 1)
+                   for name, p in model.named_parameters() if "embed_tokens" not in name and "norm" not in name)
+    assert plan["active_params_per_token"] == expected
+    dims = (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim if config.attention == "mla"
+            else 2 * config.head_dim)
+    assert flops_per_token(config, 64) == 6 * expected + 6 * 3 * config.num_attention_heads * dims * 64
+
+
 def test_fixes_are_listed_one_per_line(capsys):
     # 0.05 GiB: the tiny model's 46.5 MiB peak misses 46.1 MiB usable; several single changes fix it.
     args = ["model=tiny", "--gpu-memory-gib", "0.05"]
@@ -318,8 +347,8 @@ def test_deepseek_v3_and_qwen3_sizes():
         cfg = load_recipe([f"model={model}", "parallel.ep_size=8", "zero=stage2"], world_size=64).config
         return build_plan(cfg, ClusterSpec.from_preset("h100", nodes=8))
 
-    v3 = plan("deepseek_v3")  # 671B total, 37B active with MLA; the GQA stand-in adds ~4B of attention
-    assert 665e9 < v3.total_params < 685e9 and 36e9 < v3.active_params_per_token < 42e9
+    v3 = plan("deepseek_v3")  # DeepSeek-V3's report: 671B total, 37B active (with MLA; the MTP module not counted)
+    assert 670.5e9 < v3.total_params < 671.5e9 and 36.5e9 < v3.active_params_per_token < 37.5e9
     qwen3 = plan("qwen3_moe")  # Qwen3-30B-A3B: 30.5B total, 3.3B active with the embeddings (0.31B) counted
     assert 30e9 < qwen3.total_params < 31e9 and 2.9e9 < qwen3.active_params_per_token < 3.1e9
 
