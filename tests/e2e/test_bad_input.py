@@ -200,8 +200,8 @@ def test_routing_analysis_of_a_damaged_checkpoint(run_copy, tmp_path):
 def test_tokenizer_command_onto_a_file(tmp_path):
     target = tmp_path / "tokenizer"
     target.write_text("mine")
-    proc = run_command([str(BIN / "moe-train-tokenizer"), "--output", str(target)], check=False)
-    assert_refused(proc, "moe-train-tokenizer: error", "--output", "a file, not a folder")
+    proc = run_command([str(BIN / "moe-train-tokenizer"), f"output={target}"], check=False)
+    assert_refused(proc, "moe-train-tokenizer: error", "output=", "a file, not a folder")
     assert target.read_text() == "mine"
 
 
