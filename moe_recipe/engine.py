@@ -182,8 +182,10 @@ def check_op_build_lock(stale_after_s: float = 300.0) -> None:
         if not (build_dir / f"{SHM_COMM_OP}.so").is_file():
             print(f"building DeepSpeed's CPU comm op {SHM_COMM_OP} in {build_dir} (first run with this "
                   "TORCH_EXTENSIONS_DIR only; about 2 minutes on 2 cores)...", file=sys.stderr, flush=True)
-        load_shm_comm_op()
-        recipe_lock.truncate(0)
+        try:
+            load_shm_comm_op()
+        finally:  # a failed build releases torch's lock too; only a killed process leaves its record
+            recipe_lock.truncate(0)
 
 
 def _wait_for_foreign_build(lock: Path, stale_after_s: float) -> None:

@@ -272,14 +272,17 @@ def test_autoep_checkpoint_at_another_layout(trained_autoep, launch):
     assert snapshot(trained_autoep) == before
 
 
-def test_two_ranks_corpus_smaller_than_a_block(tmp_path):
+@pytest.mark.parametrize("lines, names", [(20, ["data.seq_len=128", "0 blocks"]),
+                                          (1, ["data.data_files=", "corpus.txt", "holds 1 document(s)"])],
+                         ids=["twenty-short-documents", "one-document"])
+def test_two_ranks_corpus_smaller_than_a_block(tmp_path, lines, names):
     """A corpus of fewer tokens than data.seq_len: refused before any process group, no run directory made."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"line {i}\n" for i in range(20)))  # 20 documents of 3 tokens
+    corpus.write_text("".join(f"line {i}\n" for i in range(lines)))  # documents of 3 tokens
     run_dir = tmp_path / "run"
     proc = launch_two_ranks(*train_args(run_dir, "parallel.ep_size=2", "data=local_files", "data.path=text",
                                         f"data.data_files=[{corpus}]"))
-    assert_refused_once(proc, "Invalid configuration", "data.seq_len=128", "0 blocks")
+    assert_refused_once(proc, "Invalid configuration", *names)
     assert not run_dir.exists()
 
 
