@@ -39,7 +39,8 @@ from safetensors import SafetensorError, safe_open
 from moe_model import MoeConfig
 from moe_model.configuration_moe import upgrade_config_dict
 
-from .config import model_setting_name
+from .config import RecipeConfig, model_setting_name
+from .engine import resolve_precision
 from .files import fsync_path, fsync_tree, write_atomic
 from .reshard import check_tensors_match, load_portable_state, save_portable_state, unsupported_reason
 
@@ -81,6 +82,42 @@ def current_layout(engine) -> dict:
         "offload_optimizer": bool(engine.zero_cpu_offload()),
         "dtype": str(engine.get_data_types()[0]).removeprefix("torch."),
     }
+
+
+def planned_layout(cfg: RecipeConfig, world_size: int) -> dict:
+    """`current_layout` of the engine a run with `cfg` on `world_size` ranks will build, known before it exists."""
+    dtypes = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return {
+        "world_size": world_size,
+        "ep_size": cfg.parallel.ep_size,
+        "zero_stage": cfg.zero.stage,
+        "offload_optimizer": cfg.zero.offload_optimizer,
+        "dtype": dtypes[resolve_precision(cfg.trainer.precision)],
+    }
+
+
+# A layout entry and the setting that chooses it, for messages (the world size is the launcher's).
+_LAYOUT_SETTINGS = {"world_size": None, "ep_size": "parallel.ep_size", "zero_stage": "zero.stage",
+                    "offload_optimizer": "zero.offload_optimizer", "dtype": "dtype (trainer.precision)"}
+
+
+def _layout_words(layout: dict, keys: list[str]) -> str:
+    """The entries `keys` of a layout in the recipe's words: "2 ranks, parallel.ep_size=2"."""
+    return ", ".join(f"{layout[key]} rank{'s' if layout[key] != 1 else ''}" if key == "world_size"
+                     else f"{_LAYOUT_SETTINGS[key]}={layout[key]}" for key in keys)
+
+
+def check_layout_matches(manifest: dict, layout: dict, folder: Path) -> None:
+    """A checkpoint without layout-independent state (`unsupported_reason`: the autoep backend, ZeRO-3) resumes only
+    at the layout it was saved with; raise a ValueError naming what differs."""
+    saved = manifest["layout"]
+    if manifest["tensors"] is not None or saved == layout:
+        return
+    keys = [key for key in _LAYOUT_SETTINGS if saved.get(key) != layout.get(key)]
+    raise ValueError(f"checkpoint {folder} was saved at {_layout_words(saved, keys)} and holds no layout-independent "
+                     f"state (model.moe_backend={manifest['model'].get('moe_backend', 'deepspeed')!r}, "
+                     f"zero.stage={saved['zero_stage']}); this run has {_layout_words(layout, keys)}. Resume it at the "
+                     "layout it was saved with, or use a new trainer.run_dir.")
 
 
 def save_checkpoint(engine, checkpoint_dir: Path, step: int) -> Path:
@@ -297,15 +334,18 @@ def _warn_changed_settings(manifest: dict, config: MoeConfig, folder: Path) -> N
                     ", ".join(f"{key} {saved[key]!r} -> {current[key]!r}" for key in changed))
 
 
-def check_resume(resume: str, checkpoint_dir: Path, config: MoeConfig) -> ResumePoint | None:
+def check_resume(resume: str, checkpoint_dir: Path, config: MoeConfig, layout: dict | None = None
+                 ) -> ResumePoint | None:
     """What the entry point runs before any process group exists: resolve trainer.resume and check the checkpoint
-    (complete, undamaged, same model) so that a bad one stops every rank with one message. Says so when it passes
-    over a newer save that did not finish. The manifest is read (and every file checked) once, here; pass the
-    result to `load_checkpoint`."""
+    (complete, undamaged, same model, and loadable at `layout`, the run's `planned_layout`, when given) so that a
+    bad one stops every rank with one message. Says so when it passes over a newer save that did not finish. The
+    manifest is read (and every file checked) once, here; pass the result to `load_checkpoint`."""
     point = resolve_resume(resume, checkpoint_dir)
     if point is not None:
         path, manifest = point.path, point.manifest
         check_model_matches(manifest, config, path)
+        if layout is not None:
+            check_layout_matches(manifest, layout, path)
         if manifest["scheduler"] is not None and "last_epoch" not in manifest["scheduler"]:
             raise ValueError(f"checkpoint {path} holds the LR schedule of DeepSpeed's WarmupCosineLR, which this "
                              "version replaced (moe_recipe/lr_schedule.py); resuming would restart the schedule. "
@@ -343,9 +383,7 @@ def load_checkpoint(engine, resume: ResumePoint) -> int:
     saved, layout = manifest["layout"], current_layout(engine)
     if manifest["tensors"] is not None:
         check_tensors_match(engine.module, manifest["tensors"], f"checkpoint {folder}")
-    elif saved != layout:
-        raise ValueError(f"checkpoint {folder} was saved at {saved} and holds no layout-independent state; this run "
-                         f"is {layout}. Resume it at the layout it was saved with.")
+    check_layout_matches(manifest, layout, folder)  # check_resume found it already, from the planned layout
     if saved == layout:
         load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if load_path is None:

@@ -1,7 +1,11 @@
 """DeepSpeed wiring in one place: the DeepSpeed config, MoE optimizer groups, the engine."""
 
+import fcntl
+import os
+import socket
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -131,37 +135,78 @@ def build_optimizer(model: nn.Module, cfg: RecipeConfig) -> torch.optim.Optimize
 
 
 # On CPU, deepspeed.init_distributed loads this op, which torch JIT-builds on first use (scripts/setup_venv.sh builds
-# it).
+# it beforehand, through check_op_build_lock).
 SHM_COMM_OP = "deepspeed_shm_comm"
+# Beside torch's lock in the op's build folder: flocked by the process that loads the op, which writes its host and
+# pid in it and empties it once the op is loaded.
+RECIPE_LOCK = "moe_recipe.lock"
 
 
-def check_op_build_lock(op_name: str = SHM_COMM_OP, stale_after_s: float = 300.0) -> None:
-    """Stop with a message instead of hanging when a killed process left torch's JIT-build lock for `op_name`.
+def load_shm_comm_op() -> None:
+    """Load (on first use: build) DeepSpeed's CPU comm op; DeepSpeed keeps the module, so that
+    deepspeed.init_distributed finds it loaded."""
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
+
+
+def check_op_build_lock(stale_after_s: float = 300.0) -> None:
+    """Load DeepSpeed's CPU comm op under the recipe's own lock, after clearing a build lock a killed run left, and
+    say so before a build starts (about 2 minutes on 2 cores, silent otherwise). Call before
+    deepspeed.init_distributed.
 
     torch builds an op holding a lock file in its build folder (`deepspeed_compat.torch_extension_build_lock`), a
-    plain file that every later load of the op waits on, without a word, until it disappears. A killed build leaves
-    it behind for good. A live build writes into that folder (ninja's log, object files) every few tens of seconds,
-    so a lock with nothing written there for `stale_after_s` is stale. Call before deepspeed.init_distributed, which
-    loads the op on CPU.
+    plain file that every later load waits on, without a word, until it disappears: a killed build leaves it for
+    good. So the recipe loads the op holding an flock on `RECIPE_LOCK` beside it (the kernel releases an flock when
+    its holder dies) with its host and pid written in the file. Whoever gets the flock and finds torch's lock next
+    to a holder recorded on this host knows that holder died while loading: the lock is stale, and is removed with
+    one line that says so. Another rank of the node loading at the same time waits for the flock, then finds the op
+    built. A torch lock without a recorded holder is another program's (a bare DeepSpeed run): it is waited for,
+    and called stale when nothing has been written in the build folder for `stale_after_s`.
     """
     if get_accelerator().device_name() != "cpu":
         return
-    lock = torch_extension_build_lock(op_name)
+    lock = torch_extension_build_lock(SHM_COMM_OP)
+    build_dir = lock.parent
+    host = socket.gethostname()
+    with (build_dir / RECIPE_LOCK).open("a+") as recipe_lock:
+        fcntl.flock(recipe_lock, fcntl.LOCK_EX)  # released when this process exits, however it exits
+        recipe_lock.seek(0)
+        holder = recipe_lock.read().split()
+        if lock.exists() and len(holder) == 2 and holder[0] == host:
+            lock.unlink(missing_ok=True)
+            print(f"removed {lock}: process {holder[1]} on this host was killed while it built or loaded DeepSpeed's "
+                  f"{SHM_COMM_OP} op; loading it again", file=sys.stderr, flush=True)
+        _wait_for_foreign_build(lock, stale_after_s)
+        recipe_lock.truncate(0)
+        recipe_lock.write(f"{host} {os.getpid()}\n")
+        recipe_lock.flush()
+        if not (build_dir / f"{SHM_COMM_OP}.so").is_file():
+            print(f"building DeepSpeed's CPU comm op {SHM_COMM_OP} in {build_dir} (first run with this "
+                  "TORCH_EXTENSIONS_DIR only; about 2 minutes on 2 cores)...", file=sys.stderr, flush=True)
+        try:
+            load_shm_comm_op()
+        finally:  # a failed build releases torch's lock too; only a killed process leaves its record
+            recipe_lock.truncate(0)
+
+
+def _wait_for_foreign_build(lock: Path, stale_after_s: float) -> None:
+    """Wait while a program that does not take RECIPE_LOCK holds torch's lock; stop with a message once the build
+    folder has been idle for `stale_after_s` (a live build writes there, ninja's log and object files, every few
+    tens of seconds)."""
     build_dir = lock.parent
     waited_s = 0.0
     while lock.exists():
         try:
-            last_write = max(path.stat().st_mtime for path in build_dir.iterdir())
+            last_write = max(path.stat().st_mtime for path in build_dir.iterdir() if path.name != RECIPE_LOCK)
         except (FileNotFoundError, ValueError):  # a file, or the lock itself, went away while we looked
             continue
         idle_s = time.time() - last_write
         if idle_s > stale_after_s:
-            raise RuntimeError(f"{lock} is left over from a build of DeepSpeed's {op_name} op that did not finish "
-                               f"(nothing written in {build_dir} for {idle_s / 60:.0f} minutes); every run would wait "
-                               f"for it forever. Remove it (rm {lock}) and start again.")
+            raise RuntimeError(f"{lock} is left over from a build of DeepSpeed's {SHM_COMM_OP} op that did not "
+                               f"finish (nothing written in {build_dir} for {idle_s / 60:.0f} minutes); every run "
+                               f"would wait for it forever. Remove it (rm {lock}) and start again.")
         if waited_s == 10.0:
-            print(f"waiting for {lock}: another process is building DeepSpeed's {op_name} op (if none is, the lock "
-                  f"is stale; this run stops once nothing has been written there for {stale_after_s:.0f} s)",
+            print(f"waiting for {lock}: another program is building DeepSpeed's {SHM_COMM_OP} op (if none is, the "
+                  f"lock is stale; this run stops once nothing has been written there for {stale_after_s:.0f} s)",
                   file=sys.stderr, flush=True)
         time.sleep(1.0)
         waited_s += 1.0

@@ -21,7 +21,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from moe_recipe.checkpoint import check_resume
+from moe_recipe.checkpoint import check_resume, planned_layout
 from moe_recipe.config import CONF_DIR, RecipeConfig, global_batch_size
 from moe_recipe.data import TrainingData, open_training_data
 from moe_recipe.engine import check_precision_supported
@@ -76,7 +76,8 @@ def preflight(hydra_cfg: DictConfig) -> tuple[Recipe, TrainingData]:
     t = recipe.config.trainer
     check_precision_supported(t.precision)
     check_output_folder(Path(t.run_dir), "trainer.run_dir")
-    resume_from = check_resume(t.resume, Path(t.run_dir) / "checkpoints", recipe.model)
+    resume_from = check_resume(t.resume, Path(t.run_dir) / "checkpoints", recipe.model,
+                               layout=planned_layout(recipe.config, recipe.world_size))
     recipe = dataclasses.replace(recipe, resume_from=resume_from)
     data = open_training_data(recipe.config.data, recipe.tokenizer,
                               global_batch_size=global_batch_size(t, recipe.world_size))
@@ -170,9 +171,11 @@ def stop_quietly_on_ctrl_c() -> None:
 def main() -> None:
     stop_quietly_on_ctrl_c()
     sys.argv = strip_launcher_args(sys.argv)
-    # Hydra prints a config it cannot compose (a wrong type, an unknown key) its own way and exits 1; with
-    # HYDRA_FULL_ERROR it raises instead, and the error gets the recipe's one line and exit status 2.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    # Hydra prints a config it cannot compose (an unknown config group option, a wrong type, an unknown key) its own
+    # way and exits 1, on every rank; with HYDRA_FULL_ERROR=1 it raises instead, and the error gets the recipe's one
+    # line from rank 0 and exit status 2. Set whatever the caller's value (HYDRA_FULL_ERROR=0 only shortens the
+    # traceback of a bug, which refuse_bad_input passes on in full anyway).
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     with refuse_bad_input(PREFIX, speak=is_rank_zero(), config_only=True):
         hydra_main()
 

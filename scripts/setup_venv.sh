@@ -17,13 +17,9 @@ else
 fi
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
 .venv/bin/python -m pip install -q -e ".[test]"
-# On CPU, DeepSpeed JIT-builds its shared-memory comm op (~1 minute) when a run first starts; build it here, so that
-# training never compiles (a run killed during that build would leave torch's lock file behind). GPU runs do not use it.
-.venv/bin/python - <<'PY'
-from deepspeed.accelerator import get_accelerator
-
-accelerator = get_accelerator()
-if accelerator.device_name() == "cpu":
-    accelerator.create_op_builder("ShareMemCommBuilder").load(verbose=False)
-PY
+# On CPU, DeepSpeed JIT-builds its shared-memory comm op (~2 minutes on 2 cores) when a run first starts; build it
+# here, the way training loads it (moe_recipe.engine.check_op_build_lock: under the recipe's lock, which tells a build
+# a killed process left from a live one). It lands in $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/
+# <python>_cpu): a run with another TORCH_EXTENSIONS_DIR builds it again, saying so. GPU runs do not use it.
+.venv/bin/python -c "from moe_recipe.engine import check_op_build_lock; check_op_build_lock()"
 .venv/bin/python -c "import torch, deepspeed, transformers; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}')"

@@ -149,7 +149,7 @@ def load_tokenizer(cfg: DataConfig) -> PreTrainedTokenizerFast:
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(
             f"No tokenizer at {folder} (data.tokenizer={cfg.tokenizer!r}). Point data.tokenizer at a tokenizer folder, "
-            f"or train one with `moe-train-tokenizer --output {folder}` (or `python -m moe_recipe.tokenizer ...`)."
+            f"or train one with `moe-train-tokenizer output={folder}` and your data.* overrides."
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -18,7 +18,8 @@ import numpy as np
 from transformers import PreTrainedTokenizerFast
 
 from .config import DataConfig
-from .documents import (load_documents, resolve_path, source_files, split_documents, tokenizer_fingerprint)
+from .documents import (load_documents, resolve_path, source_description, source_files, split_documents,
+                        tokenizer_fingerprint)
 from .store import (MANIFEST, SPLITS, atomic_store, file_lock, new_manifest, token_dtype, tokenizer_entry,
                     write_manifest)
 
@@ -79,6 +80,9 @@ def build_store(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, target: Pat
         raise ValueError(f"{target} already exists; pass --overwrite to replace it.")
     start = time.perf_counter()
     documents = load_documents(cfg)
+    if len(documents) < 2:
+        raise ValueError(f"{source_description(cfg)} holds {len(documents)} document(s); the train and val splits need "
+                         "at least one each. Add documents (with data.path=text each line is one).")
     train_indices, val_indices = split_documents(len(documents), cfg.val_fraction, cfg.seed)
     dtype = token_dtype(len(tokenizer))
     if num_proc > 1:

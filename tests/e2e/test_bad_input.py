@@ -19,7 +19,7 @@ import pytest
 
 from moe_model import MoeConfig
 from moe_recipe.checkpoint import check_resume, read_manifest
-from tests.helpers import REPO, free_port, run_command
+from tests.helpers import REPO, free_port, process_env, run_command
 
 TRAIN = REPO / "recipes" / "train.py"
 BIN = Path(sys.executable).parent
@@ -200,8 +200,8 @@ def test_routing_analysis_of_a_damaged_checkpoint(run_copy, tmp_path):
 def test_tokenizer_command_onto_a_file(tmp_path):
     target = tmp_path / "tokenizer"
     target.write_text("mine")
-    proc = run_command([str(BIN / "moe-train-tokenizer"), "--output", str(target)], check=False)
-    assert_refused(proc, "moe-train-tokenizer: error", "--output", "a file, not a folder")
+    proc = run_command([str(BIN / "moe-train-tokenizer"), f"output={target}"], check=False)
+    assert_refused(proc, "moe-train-tokenizer: error", "output=", "a file, not a folder")
     assert target.read_text() == "mine"
 
 
@@ -210,15 +210,80 @@ def test_planner_words_a_wrong_type_like_training():
     assert_refused(proc, "Invalid configuration: parallel.ep_size='two' is not an integer")
 
 
+def launch_two_ranks(*args: str, env: dict[str, str] | None = None, check: bool = False):
+    """`deepspeed --num_gpus 2 recipes/train.py ARGS` on its own free port, as a user launches it."""
+    launcher = shutil.which("deepspeed", path=str(BIN))
+    return run_command([launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN), *args],
+                       env=env, check=check)
+
+
+def assert_refused_once(proc: subprocess.CompletedProcess, *names: str) -> None:
+    """assert_refused, and the message printed by one rank only: one line of the output starts with it."""
+    last = assert_refused(proc, *names)
+    prefix = last.split(":")[0]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith(prefix)]
+    assert lines == [last], lines
+
+
 def test_two_ranks_print_the_message_once(trained):
     before = snapshot(trained)
-    launcher = shutil.which("deepspeed", path=str(BIN))
-    proc = run_command([launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(TRAIN),
-                        *train_args(trained, "parallel.ep_size=2", "optim.lr=abc")], check=False)
-    message = "Invalid configuration: optim.lr='abc' is not a number"
-    assert_refused(proc, message)
-    assert (proc.stdout + proc.stderr).count(message) == 1
+    proc = launch_two_ranks(*train_args(trained, "parallel.ep_size=2", "optim.lr=abc"))
+    assert_refused_once(proc, "Invalid configuration: optim.lr='abc' is not a number")
     assert snapshot(trained) == before
+
+
+@pytest.mark.parametrize("hydra_full_error", [None, "0"])
+def test_two_ranks_unknown_model_name(trained, hydra_full_error):
+    """Hydra's own refusal (a config group option that does not exist), whatever HYDRA_FULL_ERROR the user set."""
+    env = process_env()
+    env.pop("HYDRA_FULL_ERROR", None)
+    if hydra_full_error is not None:
+        env["HYDRA_FULL_ERROR"] = hydra_full_error
+    before = snapshot(trained)
+    proc = launch_two_ranks(*train_args(trained, "parallel.ep_size=2", "model=nope"), env=env)
+    assert_refused_once(proc, "Invalid configuration", "Could not find 'model/nope'", "tiny")
+    assert snapshot(trained) == before
+
+
+@pytest.fixture(scope="module")
+def trained_autoep(tmp_path_factory) -> Path:
+    """A run of the autoep backend (no layout-independent checkpoint state) at EP 2 on two ranks."""
+    run_dir = tmp_path_factory.mktemp("bad-input-autoep") / "run"
+    launch_two_ranks(*train_args(run_dir, "parallel.ep_size=2", *AUTOEP), check=True)
+    assert (run_dir / "checkpoints" / "step_00000002" / "checkpoint.json").is_file()
+    return run_dir
+
+
+AUTOEP = ["model.moe_backend=autoep", "model.drop_tokens=false"]
+
+
+@pytest.mark.parametrize("launch", ["two-ranks-ep1", "one-rank"])
+def test_autoep_checkpoint_at_another_layout(trained_autoep, launch):
+    """Refused before any process group: config.yaml and ds_config.json (and everything else) keep their bytes."""
+    before = snapshot(trained_autoep)
+    extra = ["trainer.max_steps=3", "parallel.ep_size=1", *AUTOEP]
+    if launch == "one-rank":
+        proc = train(trained_autoep, *extra)
+    else:
+        proc = launch_two_ranks(*train_args(trained_autoep, *extra))
+    ranks = "2 ranks, " if launch == "one-rank" else ""
+    assert_refused_once(proc, "Invalid configuration", "step_00000002", f"was saved at {ranks}parallel.ep_size=2",
+                        "model.moe_backend='autoep'", "parallel.ep_size=1")
+    assert snapshot(trained_autoep) == before
+
+
+@pytest.mark.parametrize("lines, names", [(20, ["data.seq_len=128", "0 blocks"]),
+                                          (1, ["data.data_files=", "corpus.txt", "holds 1 document(s)"])],
+                         ids=["twenty-short-documents", "one-document"])
+def test_two_ranks_corpus_smaller_than_a_block(tmp_path, lines, names):
+    """A corpus of fewer tokens than data.seq_len: refused before any process group, no run directory made."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}\n" for i in range(lines)))  # documents of 3 tokens
+    run_dir = tmp_path / "run"
+    proc = launch_two_ranks(*train_args(run_dir, "parallel.ep_size=2", "data=local_files", "data.path=text",
+                                        f"data.data_files=[{corpus}]"))
+    assert_refused_once(proc, "Invalid configuration", *names)
+    assert not run_dir.exists()
 
 
 def test_resume_says_which_newer_save_it_passes_over(run_copy, caplog):

@@ -9,8 +9,9 @@ import pytest
 
 from moe_model import MoeConfig
 from moe_recipe import checkpoint
-from moe_recipe.checkpoint import (FORMAT, MANIFEST, ResumePoint, _warn_changed_settings, check_model_matches,
-                                   check_resume)
+from moe_recipe.checkpoint import (FORMAT, MANIFEST, ResumePoint, _warn_changed_settings, check_layout_matches,
+                                   check_model_matches, check_resume, planned_layout)
+from tests.helpers import compose_recipe
 
 
 def manifest_of(config: MoeConfig) -> dict:
@@ -55,6 +56,20 @@ def test_resume_reads_the_manifest_once_and_hands_it_on(tmp_path, monkeypatch):
     assert isinstance(resume, ResumePoint) and resume.path == tmp_path / "step_00000002" and resume.step == 2
     assert resume.manifest["files"] == {"rng_rank00000.bin": 4}
     assert check_resume("none", tmp_path / "elsewhere", config) is None
+
+
+def test_a_checkpoint_without_portable_state_resumes_at_its_own_layout_only(tmp_path):
+    """autoep (or ZeRO-3) saves no layout-independent state: another layout is refused before any engine exists."""
+    cfg = compose_recipe("model.moe_backend=autoep", "model.drop_tokens=false", "parallel.ep_size=2")
+    saved = planned_layout(cfg, world_size=2)
+    assert saved == {"world_size": 2, "ep_size": 2, "zero_stage": 0, "offload_optimizer": False, "dtype": "float32"}
+    manifest = {"model": {"moe_backend": "autoep"}, "layout": saved, "tensors": None}
+    check_layout_matches(manifest, planned_layout(cfg, world_size=2), tmp_path)
+    cfg.parallel.ep_size = 1
+    with pytest.raises(ValueError, match=r"saved at 2 ranks, parallel.ep_size=2 and holds no layout-independent state "
+                                         r"\(model.moe_backend='autoep'.*this run has 1 rank, parallel.ep_size=1\."):
+        check_layout_matches(manifest, planned_layout(cfg, world_size=1), tmp_path)
+    check_layout_matches({**manifest, "tensors": {}}, planned_layout(cfg, world_size=1), tmp_path)  # portable
 
 
 @pytest.mark.parametrize("old_balance, balance", [("bias", "none"), ("bias+aux", "aux"), ("bias+global", "global"),

@@ -37,8 +37,8 @@ def tiny_tokenizer_dir(tmp_path_factory, corpus_file) -> Path:
     output = tmp_path_factory.mktemp("tokenizer")
     cache_dir = tmp_path_factory.mktemp("tokenizer_cache")
     tokenizer_command.main([
-        "--vocab-size", "300", "--output", str(output), "--cache-dir", str(cache_dir),
-        "--source", "files", "--path", "json", "--data-files", str(corpus_file),
+        "tokenizer.vocab_size=300", f"output={output}", f"data.cache_dir={cache_dir}",
+        "data.source=files", "data.path=json", f"data.data_files=[{corpus_file}]",
     ])  # fmt: skip
     return output
 
@@ -222,8 +222,30 @@ def test_settings_without_effect_warn():
         DataConfig(data_files=["a.txt"]).validate()
 
 
-def test_tokenizer_command_rejects_a_vocabulary_without_merges(tmp_path, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["tokenizer.vocab_size=258"], "tokenizer.vocab_size=258 leaves no room for merges"),
+    (["tokenizer.vocab_size=many"], "tokenizer.vocab_size='many' is not an integer"),
+    (["tokenizer.vocab=300"], "did you mean tokenizer.vocab_size?"),
+    (["data.sorce=files"], "data.sorce is not a setting"),
+    (["--vocab-size", "300"], "--vocab-size: moe-train-tokenizer takes Hydra overrides, not options"),
+])  # fmt: skip
+def test_tokenizer_command_refuses_bad_settings_with_one_line(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_status:
-        tokenizer_command.main(["--vocab-size", "258", "--output", str(tmp_path / "tok"), "--cache-dir", str(tmp_path)])
-    assert exit_status.value.code == 2 and "--vocab-size=258" in capsys.readouterr().err
+        tokenizer_command.main([*args, f"output={tmp_path / 'tok'}", f"data.cache_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_status.value.code == 2 and err[-1].startswith("moe-train-tokenizer: error: ") and message in err[-1]
     assert not (tmp_path / "tok").exists()
+
+
+def test_tokenizer_command_warns_when_the_corpus_gives_a_smaller_vocabulary(tmp_path, capsys, corpus_file):
+    tokenizer_command.main(["tokenizer.vocab_size=1024", f"output={tmp_path / 'tok'}", f"data.cache_dir={tmp_path}",
+                            "data.source=files", "data.path=json", f"data.data_files=[{corpus_file}]"])
+    learned = len(AutoTokenizer.from_pretrained(tmp_path / "tok"))
+    assert learned < 1024
+    assert (f"moe-train-tokenizer: warning: tokenizer.vocab_size=1,024 asked for, {learned:,} learned"
+            in capsys.readouterr().err)
+
+
+def test_tokenizer_command_help_shows_the_usage(capsys):
+    tokenizer_command.main(["--help"])
+    assert "tokenizer.vocab_size=N" in capsys.readouterr().out
