@@ -122,7 +122,9 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_BSD, position_embeddings, attn_mask=None, cache=None) -> torch.Tensor:
-        hidden_BSD = hidden_BSD + self.self_attn(self.input_layernorm(hidden_BSD), position_embeddings, attn_mask, cache)
+        hidden_BSD = hidden_BSD + self.self_attn(
+            self.input_layernorm(hidden_BSD), position_embeddings, attn_mask, cache
+        )
         if self.is_moe:
             self.router_state.batch_size = hidden_BSD.shape[0]
             if not isinstance(self.mlp, (MoeSparseBlock, MoeAutoEPBlock)):
@@ -141,8 +143,8 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
 @dataclass
 class MoeModelOutputWithPast(HFMoeModelOutputWithPast):
     """transformers' MoE model output (its cache field is CACHE_NAME) plus `aux_loss` and `z_loss`, summed over the
-    MoE layers; `router_logits` (one [T, E] fp32 tensor per MoE layer) only when asked for (`output_router_logits=True`).
-    """
+    MoE layers; `router_logits` (one [T, E] fp32 tensor per MoE layer) only when asked for
+    (`output_router_logits=True`)."""
 
     aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
