@@ -20,13 +20,21 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast as HFMoeCausalLMOutputWithPast
+from transformers.modeling_outputs import MoeModelOutputWithPast as HFMoeModelOutputWithPast
 
 from .attention_mla import MoeMLAttention
 from .configuration_moe import MoeConfig
 from .layers import MoeRMSNorm, apply_rotary_pos_emb
 from .moe_blocks import MoeAutoEPBlock, MoeExperts, MoeMLP, MoeSparseBlock
 from .routing import EXPERT_BIAS, MoeRouterState, MoeRoutingMetrics, routers_post_step
+
+# transformers 5.24 renamed the KV cache, as forward argument and output field, from `past_key_values` to `cache`; 5.23
+# knows only the old name. generate() passes the cache under the installed version's name and reads it back from the
+# output under that name: a forward that ignored `cache` would build a fresh cache at every step and decode from the
+# last token alone (5.25: wrong tokens, no error). So the forward takes either name and the outputs subclass
+# transformers' own, whose field has the installed version's name (CACHE_NAME).
+CACHE_NAME = "cache" if "cache" in HFMoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class MoeRotaryEmbedding(nn.Module):
@@ -66,7 +74,7 @@ class MoeAttention(nn.Module):
             self.k_norm = MoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.qk_norm = config.qk_norm
 
-    def forward(self, x_BSD, position_embeddings, attn_mask, past_key_values: Cache | None) -> torch.Tensor:
+    def forward(self, x_BSD, position_embeddings, attn_mask, cache: Cache | None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q_BHSDh = self.q_proj(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k_BHkvSDh = self.k_proj(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -74,8 +82,8 @@ class MoeAttention(nn.Module):
         if self.qk_norm:
             q_BHSDh, k_BHkvSDh = self.q_norm(q_BHSDh), self.k_norm(k_BHkvSDh)
         q_BHSDh, k_BHkvSDh = apply_rotary_pos_emb(q_BHSDh, k_BHkvSDh, *position_embeddings)
-        if past_key_values is not None:
-            k_BHkvSDh, v_BHkvSDh = past_key_values.update(k_BHkvSDh, v_BHkvSDh, self.layer_idx)
+        if cache is not None:
+            k_BHkvSDh, v_BHkvSDh = cache.update(k_BHkvSDh, v_BHkvSDh, self.layer_idx)
         out_BHSDh = F.scaled_dot_product_attention(
             q_BHSDh,
             k_BHkvSDh,
@@ -102,9 +110,9 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_BSD, position_embeddings, attn_mask=None, past_key_values=None) -> torch.Tensor:
+    def forward(self, hidden_BSD, position_embeddings, attn_mask=None, cache=None) -> torch.Tensor:
         hidden_BSD = hidden_BSD + self.self_attn(
-            self.input_layernorm(hidden_BSD), position_embeddings, attn_mask, past_key_values
+            self.input_layernorm(hidden_BSD), position_embeddings, attn_mask, cache
         )
         if self.is_moe:
             self.router_state.batch_size = hidden_BSD.shape[0]
@@ -122,34 +130,28 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
 
 
 @dataclass
-class MoeModelOutputWithPast(ModelOutput):
-    """`aux_loss` and `z_loss` are summed over the MoE layers; `router_logits` (one [T, E] fp32 tensor per MoE layer)
-    only when asked for (`output_router_logits=True`)."""
+class MoeModelOutputWithPast(HFMoeModelOutputWithPast):
+    """transformers' MoE model output (its cache field is CACHE_NAME) plus `aux_loss` and `z_loss`, summed over the
+    MoE layers; `router_logits` (one [T, E] fp32 tensor per MoE layer) only when asked for
+    (`output_router_logits=True`)."""
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
     aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
-class MoeCausalLMOutputWithPast(ModelOutput):
-    """`loss` = `lm_loss` + router_aux_loss_coef * `aux_loss` + router_z_loss_coef * `z_loss`.
+class MoeCausalLMOutputWithPast(HFMoeCausalLMOutputWithPast):
+    """transformers' MoE causal-LM output (its cache field is CACHE_NAME) plus `lm_loss` and `z_loss`.
 
+    `loss` = `lm_loss` + router_aux_loss_coef * `aux_loss` + router_z_loss_coef * `z_loss`.
     `aux_loss` (the balancing loss of router_balance, 0 when it has none) and `z_loss` are summed over the MoE
     layers. `router_logits` holds one [T, E] fp32 tensor per MoE layer (this rank's tokens) when asked for
     (`output_router_logits=True`). Training statistics (routes per expert, drops, each layer's losses) are not
     outputs: each MoE layer's `MoeRouterState` sums them (`MoeForCausalLM.routing_metrics`).
     """
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
-    aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 class MoePreTrainedModel(PreTrainedModel):
@@ -158,7 +160,7 @@ class MoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -227,29 +229,31 @@ class MoeModel(MoePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool = False,
+        past_key_values: Cache | None = None,  # the cache's name up to transformers 5.23 (see CACHE_NAME)
         **kwargs,
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        cache = past_key_values if cache is None else cache
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not self.training:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            past_key_values = None
+            cache = None
         hidden_BSD = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S, _ = hidden_BSD.shape
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + S, device=hidden_BSD.device)[None].expand(B, -1)
         attn_mask = build_attention_mask(attention_mask, B, S, past_len, hidden_BSD.device)
         position_embeddings = self.rotary_emb(hidden_BSD, position_ids)
         aux_losses, z_losses, router_logits = [], [], []
         for layer in self.layers:
-            hidden_BSD = layer(hidden_BSD, position_embeddings, attn_mask, past_key_values)
+            hidden_BSD = layer(hidden_BSD, position_embeddings, attn_mask, cache)
             if layer.router_state is not None:
                 # Collected here, once per forward: activation checkpointing runs the layer again in backward.
                 routing = layer.router_state.pop()
@@ -257,9 +261,9 @@ class MoeModel(MoePreTrainedModel):
                 z_losses.append(routing.z_loss)
                 router_logits.append(routing.router_logits_TE)
         return MoeModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_BSD), past_key_values=past_key_values,
-            aux_loss=torch.stack(aux_losses).sum(), z_loss=torch.stack(z_losses).sum(),
-            router_logits=tuple(router_logits) if output_router_logits else None,
+            last_hidden_state=self.norm(hidden_BSD), aux_loss=torch.stack(aux_losses).sum(),
+            z_loss=torch.stack(z_losses).sum(), router_logits=tuple(router_logits) if output_router_logits else None,
+            **{CACHE_NAME: cache},
         )
 
 
@@ -289,20 +293,22 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         output_router_logits: bool = False,
+        past_key_values: Cache | None = None,  # the cache's name up to transformers 5.23 (see CACHE_NAME)
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
-        """`labels` are the input ids (the shift happens here); -100 marks positions without a target."""
+        """`labels` are the input ids (the shift happens here); -100 marks positions without a target. The KV cache
+        comes as `cache` (transformers >= 5.24) or `past_key_values` (5.23) and goes out under CACHE_NAME."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=past_key_values if cache is None else cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
@@ -318,7 +324,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             loss = lm_loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
         return MoeCausalLMOutputWithPast(
             loss=loss, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss, logits=logits_BSV,
-            past_key_values=outputs.past_key_values, router_logits=outputs.router_logits,
+            router_logits=outputs.router_logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     def moe_layers(self) -> list[MoeDecoderLayer]:

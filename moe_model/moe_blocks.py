@@ -13,8 +13,6 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
 from .configuration_moe import MoeConfig
@@ -125,6 +123,19 @@ class MoeGate(nn.Module):
         return aux_loss, capacity, E, indices_kT, locations_kT, gates_kT, demand_E
 
 
+def deepspeed_moe_layer() -> type[nn.Module]:
+    """DeepSpeed's MoE layer class, imported when a native block is built: the rest of the model (the autoep block,
+    which `moe-export --format hf` folders run) needs no DeepSpeed. The import sits in a try block because
+    transformers' remote-code loader refuses a module whose imports outside try blocks are not installed."""
+    try:
+        from deepspeed.moe.layer import MoE
+    except ImportError as error:
+        raise ImportError("moe_backend='deepspeed' builds DeepSpeed's MoE layers: install deepspeed, or build the "
+                          "model with moe_backend='autoep' (the dropless block; plain PyTorch outside DeepSpeed)."
+                          ) from error
+    return MoE
+
+
 class MoeSparseBlock(nn.Module):
     """DeepSpeed's MoE layer (router, capacity, all-to-all dispatch/combine, experts) plus shared experts.
 
@@ -142,7 +153,7 @@ class MoeSparseBlock(nn.Module):
         self.router_state = router_state
         layer_seed = draw_layer_seed()
         with torch.random.fork_rng(devices=[]):  # see draw_layer_seed
-            self.moe = MoE(
+            self.moe = deepspeed_moe_layer()(
                 hidden_size=config.hidden_size,
                 expert=MoeMLP(config.hidden_size, config.moe_intermediate_size),
                 num_experts=config.num_experts,
@@ -198,8 +209,9 @@ class MoeSparseBlock(nn.Module):
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         gate = self.gate
+        deepspeed_gate = not isinstance(gate, MoeGate)  # DeepSpeed's TopKGate
         x_TD = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
-        if isinstance(gate, TopKGate):
+        if deepspeed_gate:
             # Capacity, the sampled second expert and the kept tokens (RTS) are training devices; DeepSpeed's gate
             # applies them in eval mode too. Inference never drops and is deterministic: a sequence's outputs do
             # not depend on its batch mates, and generate() with and without cache agree.
@@ -215,7 +227,7 @@ class MoeSparseBlock(nn.Module):
         router_logits_TE = F.linear(x_TD.float(), self.router_weight.float())
         out_BSD, deepspeed_aux_loss, _ = self.moe(hidden_BSD)
         kept_routes_kT, self._routes_kT = self._routes_kT, None
-        if isinstance(gate, TopKGate):
+        if deepspeed_gate:
             self.router_state.record(router_logits_TE, training=self.training, kept_routes=kept_routes_kT,
                                      deepspeed_aux_loss=deepspeed_aux_loss)
         else:

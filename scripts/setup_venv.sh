@@ -3,6 +3,7 @@
 #   bash scripts/setup_venv.sh
 # Without an NVIDIA GPU it installs the CPU build torch==2.13.0 first: a bare `torch` requirement would pull a
 # multi-GB CUDA build. With a GPU, set TORCH_SPEC (e.g. TORCH_SPEC="torch==2.13.0") or leave the default `torch`.
+# TRANSFORMERS_SPEC (default transformers==5.23.0, what CI runs) picks another supported transformers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -16,7 +17,8 @@ else
   TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 fi
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e ".[test]"
+# pyproject allows transformers 5.23 to 5.25; CI runs the lower bound (see README, Tests).
+.venv/bin/python -m pip install -q -e ".[test]" "${TRANSFORMERS_SPEC:-transformers==5.23.0}"
 # On CPU, DeepSpeed JIT-builds its shared-memory comm op (~2 minutes on 2 cores) when a run first starts; build it
 # here, the way training loads it (moe_recipe.engine.check_op_build_lock: under the recipe's lock, which tells a build
 # a killed process left from a live one). It lands in $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/

@@ -15,7 +15,6 @@ renamed into place. Nothing reads a folder without its manifest, and the manifes
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from ..files import fsync_path, fsync_tree
 
@@ -212,16 +212,11 @@ def atomic_store(target: Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock: ranks (and nodes, on file systems with working locks) take turns."""
+def file_lock(path: Path) -> FileLock:
+    """An exclusive lock on `path` for a `with` block, waiting as long as it takes (filelock's, an flock on Unix):
+    ranks (and nodes, on file systems with working locks) take turns. The lock file stays behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

@@ -6,6 +6,7 @@ from `autoep_layer_settings`; the recipe puts the backend into the DeepSpeed con
 Multi-process training through the engine (EP 2, ZeRO-2 and ZeRO-3) is tests/distributed/test_autoep.py.
 """
 
+import sys
 from dataclasses import dataclass, replace
 
 import pytest
@@ -21,7 +22,7 @@ from moe_model.routing import MoeRoutingMetrics, route_tokens
 from moe_recipe.config import validate
 from moe_recipe.stock_export import mixtral_blockers
 from moe_recipe.recipe import load_recipe
-from tests.helpers import compose_recipe
+from tests.helpers import compose_recipe, run_command
 
 # Layer 0 dense, layers 1 and 2 MoE; std 0.2 gives O(1) outputs and peaked routers, so tolerances mean something.
 DROPLESS = dict(drop_tokens=False, num_hidden_layers=3, first_k_dense_replace=1, initializer_range=0.2,
@@ -314,3 +315,23 @@ def test_backends_agree_on_cuda(tiny_model, dtype):
     replaced = forward_backward(autoep, input_ids)
     torch.testing.assert_close(replaced.out.lm_loss, out.out.lm_loss, **tolerance)
     assert torch.equal(replaced.routing.received_LE, out.routing.received_LE)
+
+
+def test_only_the_native_backend_needs_deepspeed():
+    """moe_model imports, and builds and runs the autoep block, where DeepSpeed cannot be imported (an export's
+    remote code); the native backend says what to install or switch to."""
+    script = """
+import sys
+sys.modules["deepspeed"] = None  # `import deepspeed` fails, as where it is not installed
+import torch
+from moe_model import MoeConfig, MoeForCausalLM
+config = dict(vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_experts=4, drop_tokens=False)
+model = MoeForCausalLM(MoeConfig(moe_backend="autoep", **config)).eval()
+assert model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, do_sample=False).shape == (1, 7)
+try:
+    MoeForCausalLM(MoeConfig(**config))
+except ImportError as error:
+    print(error)
+"""
+    proc = run_command([sys.executable, "-c", script])
+    assert "moe_backend='deepspeed' builds DeepSpeed's MoE layers: install deepspeed" in proc.stdout

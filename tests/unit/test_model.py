@@ -1,5 +1,5 @@
-"""MoeConfig validation, layer interleaving, expert init, save/load, generation, gradient checkpointing and the
-noisy-gating options of the MoE causal LM, on tiny configs in one CPU process."""
+"""MoeConfig validation, layer interleaving, expert init, save/load, gradient checkpointing and the noisy-gating
+options of the MoE causal LM, on tiny configs in one CPU process (generation: test_generate.py)."""
 
 import json
 import warnings
@@ -10,9 +10,8 @@ import torch.distributed as dist
 
 import moe_model  # noqa: F401  (registers the Auto classes)
 from moe_model import MoeConfig, MoeForCausalLM
+from moe_model.modeling_moe import CACHE_NAME
 from moe_model.moe_blocks import MoeMLP, MoeSparseBlock
-from moe_recipe.config import CONF_DIR, moe_config_kwargs
-from moe_recipe.recipe import load_recipe
 from transformers import AutoModelForCausalLM
 
 EXPERTS_KEY = ".deepspeed_experts."
@@ -205,34 +204,12 @@ def test_from_pretrained_passes_the_layout_to_the_model_not_the_config(tiny_mode
     assert not dist.is_initialized()
 
 
-# --- generation -------------------------------------------------------------------------------------------------
+# --- attention variants: generation with the cache (the rest is in test_generate.py) ---------------------------
 
 
 def greedy(model, input_ids, use_cache, attention_mask=None):
-    return model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, use_cache=use_cache,
-        pad_token_id=0,
-    )
-
-
-@pytest.mark.parametrize("k", [2, 3])
-def test_generate_with_and_without_cache_agree(tiny_model, k):
-    # drop_tokens=False: with a capacity, routing would depend on how many tokens one forward sees.
-    model = tiny_model(num_experts_per_tok=k, drop_tokens=False)
-    torch.manual_seed(1)
-    input_ids = torch.randint(1, model.config.vocab_size, (2, 8))
-    assert torch.equal(greedy(model, input_ids, True), greedy(model, input_ids, False))
-
-    # Left padding: row 0 holds 3 pads then the 5 tokens of `short`.
-    short = input_ids[:1, 3:]
-    padded = input_ids.clone()
-    padded[0, :3] = 0
-    attention_mask = torch.ones_like(padded)
-    attention_mask[0, :3] = 0
-    with_cache = greedy(model, padded, True, attention_mask)
-    assert torch.equal(with_cache, greedy(model, padded, False, attention_mask))
-    assert torch.equal(with_cache[0, 3:], greedy(model, short, True)[0])  # the pads change nothing
-    assert torch.equal(with_cache[1], greedy(model, input_ids[1:], True)[0])
+    return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
+                          use_cache=use_cache, pad_token_id=0)
 
 
 @pytest.mark.parametrize("attention", [
@@ -265,14 +242,8 @@ def test_mla_has_deepseek_v3s_weights_and_cache(tiny_model):
     assert torch.equal(attn.kv_a_layernorm.weight, torch.ones(16))
     assert abs(attn.kv_b_proj.weight.std().item() - model.config.initializer_range) < 0.005
     out = model(torch.randint(1, 128, (2, 5)), use_cache=True)
-    keys, values = out.past_key_values.layers[0].keys, out.past_key_values.layers[0].values
+    keys, values = getattr(out, CACHE_NAME).layers[0].keys, getattr(out, CACHE_NAME).layers[0].values
     assert keys.shape == (2, 1, 5, 16) and values.shape == (2, 1, 5, 8)  # the latent and the shared rotated key
-
-
-def test_generate_top1_single_sequence_with_cache(tiny_model):
-    model = tiny_model(num_experts_per_tok=1, drop_tokens=False)  # min_capacity=4, the config default
-    input_ids = torch.randint(1, model.config.vocab_size, (1, 8))
-    assert torch.equal(greedy(model, input_ids, True), greedy(model, input_ids, False))
 
 
 # --- gradient checkpointing -------------------------------------------------------------------------------------
@@ -352,31 +323,3 @@ def test_noisy_gating_trains_and_is_deterministic_in_eval(tiny_model, overrides)
         reference = clean(input_ids).logits
     assert torch.equal(first, second)
     assert torch.equal(first, reference)
-
-
-SHIPPED_MODELS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
-SMALL_SHAPE = dict(vocab_size=128, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
-                   num_attention_heads=4, head_dim=None, max_position_embeddings=64, initializer_range=0.2)
-
-
-@pytest.mark.parametrize("name", SHIPPED_MODELS)
-def test_generate_with_and_without_cache_agree_for_every_shipped_model_config(name):
-    """Every conf/model config at a CPU size: its routing (experts, top-k, scores, groups, bias, capacity
-    settings) as shipped, a few layers (the dense ones first) and small widths. Greedy decoding with the KV cache
-    runs the MoE layers on one token at a time, without it on the whole prefix: they agree because inference never
-    drops and routes each token on its own."""
-    shipped = load_recipe([f"model={name}"], world_size=1, require_tokenizer=False).config.model
-    arguments = moe_config_kwargs(shipped)
-    num_layers = arguments["first_k_dense_replace"] + 2 * arguments["moe_layer_freq"]
-    kv_heads = 4 if arguments["num_key_value_heads"] == arguments["num_attention_heads"] else 2
-    mla = dict(q_lora_rank=arguments["q_lora_rank"] and 24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-               v_head_dim=8, num_key_value_heads=4) if arguments["attention"] == "mla" else {}
-    config = MoeConfig(**{**arguments, **SMALL_SHAPE, "num_hidden_layers": num_layers, "num_key_value_heads": kv_heads,
-                          **mla})
-    torch.manual_seed(0)
-    model = MoeForCausalLM(config).eval()
-    if config.uses_expert_bias:  # as after training: a bias that changes choices
-        for layer in model.moe_layers():
-            layer.expert_bias_owner().e_score_correction_bias.normal_(0, 0.05)
-    input_ids = torch.randint(1, config.vocab_size, (3, 8), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(greedy(model, input_ids, True), greedy(model, input_ids, False))

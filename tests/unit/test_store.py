@@ -3,6 +3,8 @@ a rank reads at a step: world-size invariant, resumable, mixtures)."""
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import torch
 from moe_recipe.data import (DataConfig, MixtureComponent, TrainingData, load_tokenizer, open_store,
                              open_training_data, permute, store_from_tokens, tokenizer_fingerprint)
 from moe_recipe.data.sampler import MIXTURE_PERIOD, Component, epoch_seed, eval_row_ranges
+from moe_recipe.data.store import file_lock
 
 SEQ = 4
 
@@ -236,3 +239,15 @@ def test_mixture_settings_are_checked(mixture, message):
     with pytest.raises(ValueError, match=message):
         DataConfig(mixture=mixture).validate()
     assert MixtureComponent("a", "x", 1.0) == DataConfig(mixture=[{"name": "a", "store": "x", "weight": 1}]).mixture[0]
+
+
+def test_file_lock_keeps_other_processes_out_until_released(tmp_path):
+    """The build lock (filelock) is an flock on Unix: another process's non-blocking flock on the same file fails while
+    it is held (so a process of a version with the hand-written flock waits too) and succeeds after."""
+    lock = tmp_path / "stores" / ".store.lock"  # the folder does not exist yet
+    try_flock = ("import fcntl, sys\nwith open(sys.argv[1], 'a') as f:\n    try:\n"
+                 "        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+                 "    except BlockingIOError:\n        sys.exit(3)")
+    with file_lock(lock):
+        assert subprocess.run([sys.executable, "-c", try_flock, str(lock)]).returncode == 3
+    assert subprocess.run([sys.executable, "-c", try_flock, str(lock)]).returncode == 0
