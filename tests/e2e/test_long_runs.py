@@ -119,6 +119,10 @@ def test_kill_ctrl_c_and_resume_leave_one_history(tmp_path):
     assert all("tokens/s" in line and "ETA" in line for line in lines)
     assert "\r" not in (tmp_path / "job3.log").read_text() and "it/s]" not in (tmp_path / "job3.log").read_text()
 
+    # Heatmaps on their schedule (every 5 steps, and the last), whatever step a job resumed at.
+    drawn = {int(p.stem.removeprefix("expert_load_step_")) for p in (run_dir / "routing").glob("*.json")}
+    assert drawn <= {5, 10, 15, 20, 24} and {15, 20, 24} <= drawn
+
     # Retention: the newest 2 and the multiples of 8 (8, 16, 24).
     kept = [int(p.name.removeprefix("step_")) for p in list_checkpoints(run_dir / "checkpoints")]
     assert kept == sorted({*[8, 16], 20, 24})
