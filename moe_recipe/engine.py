@@ -148,6 +148,15 @@ def load_shm_comm_op() -> None:
     get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
 
 
+def use_environment_extensions_dir() -> None:
+    """Build DeepSpeed's CPU op inside the virtual environment (`<venv>/torch_extensions`) unless TORCH_EXTENSIONS_DIR
+    says otherwise. torch's default folder (~/.cache/torch_extensions) is shared by every environment of the user, and
+    torch rebuilds the op there, without a word, whenever the build it finds came from another environment (other
+    include paths): two clones of this recipe would rebuild it for each other in turn, 2 minutes each time."""
+    if sys.prefix != sys.base_prefix:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
 def check_op_build_lock(stale_after_s: float = 300.0) -> None:
     """Load DeepSpeed's CPU comm op under the recipe's own lock, after clearing a build lock a killed run left, and
     say so before a build starts (about 2 minutes on 2 cores, silent otherwise). Call before
@@ -164,6 +173,7 @@ def check_op_build_lock(stale_after_s: float = 300.0) -> None:
     """
     if get_accelerator().device_name() != "cpu":
         return
+    use_environment_extensions_dir()
     lock = torch_extension_build_lock(SHM_COMM_OP)
     build_dir = lock.parent
     host = socket.gethostname()

@@ -21,7 +21,7 @@ fi
 .venv/bin/python -m pip install -q -e ".[test]" "${TRANSFORMERS_SPEC:-transformers==5.23.0}"
 # On CPU, DeepSpeed JIT-builds its shared-memory comm op (~2 minutes on 2 cores) when a run first starts; build it
 # here, the way training loads it (moe_recipe.engine.check_op_build_lock: under the recipe's lock, which tells a build
-# a killed process left from a live one). It lands in $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/
-# <python>_cpu): a run with another TORCH_EXTENSIONS_DIR builds it again, saying so. GPU runs do not use it.
+# a killed process left from a live one). It lands in $TORCH_EXTENSIONS_DIR (default: .venv/torch_extensions, one
+# build per environment): a run with another TORCH_EXTENSIONS_DIR builds it again, saying so. GPU runs do not use it.
 .venv/bin/python -c "from moe_recipe.engine import check_op_build_lock; check_op_build_lock()"
 .venv/bin/python -c "import torch, deepspeed, transformers; print(f'torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}')"

@@ -6,6 +6,10 @@ import pytest
 import torch
 
 from moe_model import MoeConfig, MoeForCausalLM
+from moe_recipe.engine import use_environment_extensions_dir
+
+# Every process a test starts loads DeepSpeed's CPU op from where scripts/setup_venv.sh built it, the recipe too.
+use_environment_extensions_dir()
 
 # Deterministic routing by default (no RTS, no sampled second expert); tests that want the noise turn it on.
 TINY_CONFIG = dict(

@@ -16,7 +16,7 @@ import pytest
 
 from moe_recipe.checkpoint import list_checkpoints
 from moe_recipe.deepspeed_compat import torch_extension_build_lock
-from moe_recipe.engine import SHM_COMM_OP
+from moe_recipe.engine import RECIPE_LOCK, SHM_COMM_OP
 from moe_recipe.metrics import read_metrics
 from tests.helpers import REPO, free_port, overrides, process_env, run_command
 from tests.wandb_records import offline_segments
@@ -31,9 +31,8 @@ def private_extensions_dir(tmp_path: Path) -> Path:
     while torch holds its lock on the op must not leave that lock in everyone's folder."""
     built = torch_extension_build_lock(SHM_COMM_OP).parent
     root = tmp_path / "torch_extensions"
-    target = root / built.parent.name / built.name
-    if built.is_dir():
-        shutil.copytree(built, target, ignore=shutil.ignore_patterns("lock"))
+    if built.is_dir():  # with TORCH_EXTENSIONS_DIR set, torch builds in <it>/<op name>
+        shutil.copytree(built, root / built.name, ignore=shutil.ignore_patterns("lock", RECIPE_LOCK))
     return root
 
 
