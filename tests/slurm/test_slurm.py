@@ -127,7 +127,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, workdir, reference):
 
     assert_finished(slurm, job_id, run_dir, restarts=1)
     log = job_log(run_dir, job_id)
-    preempted_at = int(re.search(r"stopping at step (\d+) after preemption signal", log)[1])
+    preempted_at = int(re.search(r"stopped at step (\d+) \(preemption signal\)", log)[1])
     assert preempted_at < STEPS
     assert (run_dir / "checkpoints" / f"step_{preempted_at:08d}").is_dir()
     for expected in (f"job {job_id}: preempted, checkpoint saved in {run_dir}/checkpoints; requeueing",
