@@ -94,8 +94,8 @@ def start_detached_wandb_service() -> None:
 
     DeepSpeed's launcher answers Ctrl-C by sending SIGTERM to every rank and to everything the ranks started: a
     wandb-core of rank 0's own would die before the run's last records are written, and W&B would print tracebacks.
-    `wandb beta core start` (wandb >= 0.25) leaves a service that only the idle timeout ends, handed over through
-    WANDB_SERVICE. Where it cannot start, wandb.init starts its own as usual."""
+    `wandb beta core start` (a beta CLI, checked with wandb 0.31) leaves a service that only its idle timeout ends,
+    handed over through WANDB_SERVICE. Where it cannot start, wandb.init starts its own as usual."""
     if os.environ.get("WANDB_SERVICE"):
         return
     proc = subprocess.run([sys.executable, "-m", "wandb", "beta", "core", "start", "--idle-timeout", "2m"],
