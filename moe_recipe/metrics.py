@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .config import LoggingConfig
-from .files import fsync_path
+from .files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
 
 
 def cut_metrics(path: Path, step: int) -> int:
-    """Keep the records of steps up to `step` (the step a job resumes from): the rest are trained again. Atomic: the
-    kept lines go to a file beside it, synced, then renamed over it. Returns the last step the file held (0 if
+    """Keep the records of steps up to `step` (the step a job resumes from): the rest are trained again. Atomic
+    (`files.write_atomic`: a file beside it, synced, renamed over it). Returns the last step the file held (0 if
     none)."""
     if not path.exists():
         return 0
@@ -79,13 +79,7 @@ def cut_metrics(path: Path, step: int) -> int:
     last_step = max((record["step"] for record in records), default=0)
     if last_step <= step and len(records) == len(path.read_text().splitlines()):
         return last_step
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records if record["step"] <= step)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in records if record["step"] <= step))
     return last_step
 
 
